@@ -1,0 +1,26 @@
+# make install: create $(VENV) (default .venv here) and install everything into it.
+# make test:    install if needed, then run the test suite offline.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.lavis-ademvl-installed
+
+.PHONY: install test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	# LAVIS 1.0.2 pins transformers<4.27, which predates LLaMA: install it without its pins.
+	$(PIP) install --quiet -c constraints.txt --no-deps salesforce-lavis==1.0.2
+	$(PY) -c "import lavis, lavis_ademvl"
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf output build *.egg-info

@@ -1,0 +1,18 @@
+"""ADEM-VL for LAVIS: `import lavis_ademvl` registers model `ademvl`, its processors, the `scienceqa_mc`
+builder and task, runner `runner_ademvl` and the `linear_warmup_cosine_iter_lr` scheduler."""
+import os
+
+import lavis  # noqa: F401  (LAVIS registers its own components first)
+from lavis.common.registry import registry
+
+from lavis_ademvl import common, datasets, models, processors, runners, tasks  # noqa: F401
+from lavis_ademvl.common import optims  # noqa: F401
+from lavis_ademvl.datasets import builders  # noqa: F401
+
+__version__ = "0.1.0"
+
+# LAVIS 1.0.2 puts its cache under /export/home/.cache/lavis; use a user-writable default instead.
+if registry.get_path("cache_root").startswith("/export/home"):
+    registry.mapping["paths"]["cache_root"] = os.environ.get(
+        "LAVIS_CACHE_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "lavis")
+    )

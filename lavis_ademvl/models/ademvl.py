@@ -1,0 +1,608 @@
+"""ADEM-VL: a frozen LLaMA-family LLM and a frozen CLIP vision tower joined by parameter-free cross-attention.
+
+The frozen modules are Hugging Face models used as they are: small trainable modules attach to them through
+forward hooks (vision adapters beside each used CLIP MLP; the fused visual feature added in every decoder layer).
+The fusion math itself lives in `fusion.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lavis.models.base_model import BaseModel
+from omegaconf import DictConfig, OmegaConf
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lavis_ademvl.common.registration import register
+from lavis_ademvl.models.fusion import (
+    ACTIVATIONS,
+    POOLINGS,
+    activate,
+    attend,
+    check_choice,
+    check_drop_ratio,
+    check_scales,
+    multiscale_pool,
+)
+from lavis_ademvl.models.tokenization import load_tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models" / "ademvl"
+
+FUSIONS = ("adem", "prefix", "none")
+# Where, inside a decoder layer, the query is read and the fused feature is added (paper Table VII).
+QUERY_POINTS = ("attn_in", "mlp_in")
+ADD_POINTS = ("attn_out", "mlp_out")
+LLM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The fused feature can only be added at or after the point its query is read.
+_POINT_ORDER = {"attn_in": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3}
+_POINT_MODULE = {"attn_in": "self_attn", "attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
+
+MODEL_CONFIG_KEYS = frozenset(
+    {
+        "arch", "model_type", "load_finetuned", "load_pretrained", "finetuned", "pretrained",
+        "llm_model", "llm_config", "llm_dtype", "tokenizer", "vision_model", "vision_config",
+        "fusion", "activation", "query_from", "add_to", "down_sample_num", "pooling", "with_cls",
+        "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj", "adapter_dim",
+        "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt",
+    }
+)
+
+
+class LowRankProjection(nn.Sequential):
+    """W': width -> hidden -> d_llm with SiLU between; xavier weights and zero biases."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int) -> None:
+        super().__init__(nn.Linear(in_features, hidden_features), nn.SiLU(), nn.Linear(hidden_features, out_features))
+        for linear in (self[0], self[2]):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+
+class VisionAdapter(nn.Module):
+    """Bottleneck beside a frozen CLIP MLP: mlp_out + scale * fc2(dropout(gelu(fc1(x)))), fc2 starting at zero."""
+
+    def __init__(self, width: int, rank: int, scale: float, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, rank, bias=False)
+        self.fc2 = nn.Linear(rank, width, bias=False)
+        nn.init.zeros_(self.fc2.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+
+    def forward(self, mlp_input: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.fc2(self.dropout(F.gelu(self.fc1(mlp_input))))
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids of a batch, left-padded, with the image slot positions and answer labels (-100 elsewhere)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    slot_mask: torch.Tensor  # [B, L] True where visual slot embeddings go
+    labels: torch.Tensor  # [B, L]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@register("model", "ademvl")
+class AdemVL(BaseModel):
+    """ADEM-VL on a Hugging Face causal LM and CLIP vision tower.
+
+    Samples: `image` [B,3,H,W], `has_image` [B] (0/1), `text_input` (prompt, may be truncated in its middle),
+    optional `answer_cue` (never truncated, e.g. "Answer: The answer is") and, for training, `text_output`.
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "llama7b": str(CONFIG_DIR / "llama7b.yaml"),
+        "tiny": str(CONFIG_DIR / "tiny.yaml"),
+    }
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vision_tower: CLIPVisionModel | None,
+        *,
+        fusion: str = "adem",
+        activation: str = "silu",
+        query_from: str = "mlp_in",
+        add_to: str = "mlp_out",
+        down_sample_num: Sequence[int] = (256, 64),
+        pooling: str = "avg",
+        with_cls: bool = True,
+        num_visual_input_tokens: int = 0,
+        alpha: float = 0.1,
+        beta: float = 0.01,
+        drop_ratio: float = 0.1,
+        hidden_proj: int = 128,
+        adapter_dim: int = 12,
+        adapter_scale: float = 0.1,
+        adapter_dropout: float = 0.1,
+        max_len: int = 512,
+        image_prompt: str = "Image: ",
+        no_image_prompt: str = "Image: N/A",
+        llm_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_choice("fusion", fusion, FUSIONS)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("query_from", query_from, QUERY_POINTS)
+        check_choice("add_to", add_to, ADD_POINTS)
+        check_choice("pooling", pooling, POOLINGS)
+        check_drop_ratio(drop_ratio)
+        if _POINT_ORDER[add_to] < _POINT_ORDER[query_from]:
+            raise ValueError(f"add_to={add_to!r} comes before query_from={query_from!r} inside a decoder layer")
+        if fusion != "none" and vision_tower is None:
+            raise ValueError(f"fusion={fusion!r} needs a vision tower (vision_model or vision_config)")
+        if max_len <= 0:
+            raise ValueError(f"max_len={max_len} must be positive")
+
+        self.fusion = fusion
+        self.activation = activation
+        self.query_from, self.add_to = query_from, add_to
+        self.down_sample_num = [int(s) for s in down_sample_num]
+        self.pooling = pooling
+        self.with_cls = bool(with_cls)
+        self.num_visual_input_tokens = int(num_visual_input_tokens)
+        self.alpha, self.beta, self.drop_ratio = float(alpha), float(beta), float(drop_ratio)
+        self.max_len = int(max_len)
+        self.image_prompt, self.no_image_prompt = image_prompt, no_image_prompt
+        self.llm_dtype = llm_dtype
+        self.tokenizer = tokenizer
+
+        if fusion == "none":
+            vision_tower = None  # text only: the tower would be dead weight
+        self.llm = llm
+        self.llm.requires_grad_(False)
+        d_llm = llm.get_input_embeddings().embedding_dim
+        self.vision_tower = vision_tower
+        if vision_tower is not None:
+            vision_tower.requires_grad_(False)
+            # The fused features are the input of the last CLIP block, so that block never runs (and an
+            # adapter on it would never receive a gradient, which breaks DDP).
+            encoder = vision_tower.vision_model.encoder
+            encoder.layers = encoder.layers[:-1]
+            width = vision_tower.config.hidden_size
+            num_patches = (vision_tower.config.image_size // vision_tower.config.patch_size) ** 2
+            self.vision_adapters = nn.ModuleList(
+                VisionAdapter(width, adapter_dim, adapter_scale, adapter_dropout) for _ in encoder.layers
+            )
+            for layer, adapter in zip(encoder.layers, self.vision_adapters):
+                layer.mlp.register_forward_hook(_adapter_hook(adapter))
+            self.visual_proj = LowRankProjection(width, hidden_proj, d_llm)
+
+        if fusion == "prefix":
+            self.slot_length = num_patches + 1  # LLaVA-style: every CLIP token, projected
+        elif fusion == "adem":
+            check_scales(self.down_sample_num, num_patches)
+            if self.num_visual_input_tokens:
+                check_scales([self.num_visual_input_tokens], num_patches)
+            self.slot_length = int(self.with_cls) + self.num_visual_input_tokens
+            if self.with_cls:
+                self.cls_proj = LowRankProjection(width, hidden_proj, d_llm)
+        else:
+            self.slot_length = 0
+        if fusion in ("adem", "none"):
+            num_visual = sum(self.down_sample_num) if fusion == "adem" else 1
+            # E1 (key offset) and E2 (value offset); text-only `none` keeps one learned memory slot.
+            self.visual_key_offset = nn.Parameter(torch.randn(1, num_visual, d_llm) * 0.02)
+            self.visual_value_offset = nn.Parameter(torch.zeros(1, num_visual, d_llm))
+            self._memory: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._pending_queries: dict[int, torch.Tensor] = {}
+            self._attach_fusion_hooks()
+        self._truncation_warned = False
+        counts = self.parameter_counts()
+        logging.info("ADEM-VL (%s): %d trainable of %d parameters", fusion, counts["trainable"], counts["total"])
+
+    # ------------------------------------------------------------------ construction from config
+
+    @classmethod
+    def default_config_path(cls, model_type: str) -> str:
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            raise KeyError(f"unknown ademvl model_type {model_type!r}; choose one of {sorted(cls.PRETRAINED_MODEL_CONFIG_DICT)}")
+        return cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> "AdemVL":
+        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+        unknown = sorted(set(cfg.keys()) - MODEL_CONFIG_KEYS)
+        if unknown:
+            raise KeyError(f"unknown ademvl model config key(s) {unknown}; known keys: {sorted(MODEL_CONFIG_KEYS)}")
+        fusion = cfg.get("fusion", "adem")
+        check_choice("fusion", fusion, FUSIONS)
+        dtype_name = cfg.get("llm_dtype", "bfloat16")
+        check_choice("llm_dtype", dtype_name, tuple(LLM_DTYPES))
+        # Half precision only where it is fast and supported; CPU runs stay in float32.
+        dtype = LLM_DTYPES[dtype_name] if torch.cuda.is_available() else torch.float32
+
+        llm = _load_llm(cfg.get("llm_model"), cfg.get("llm_config"), dtype)
+        tokenizer_name = cfg.get("tokenizer") or cfg.get("llm_model")
+        if tokenizer_name is None:
+            raise KeyError("model config needs `tokenizer` when the LLM comes from `llm_config`")
+        tokenizer = load_tokenizer(str(tokenizer_name))
+        vision_tower = None
+        if fusion != "none":
+            vision_tower = _load_vision_tower(cfg.get("vision_model"), cfg.get("vision_config"), dtype)
+
+        model = cls(
+            llm,
+            tokenizer,
+            vision_tower,
+            fusion=fusion,
+            activation=cfg.get("activation", "silu"),
+            query_from=cfg.get("query_from", "mlp_in"),
+            add_to=cfg.get("add_to", "mlp_out"),
+            down_sample_num=list(cfg.get("down_sample_num", [256, 64])),
+            pooling=cfg.get("pooling", "avg"),
+            with_cls=cfg.get("with_cls", True),
+            num_visual_input_tokens=cfg.get("num_visual_input_tokens", 0),
+            alpha=cfg.get("alpha", 0.1),
+            beta=cfg.get("beta", 0.01),
+            drop_ratio=cfg.get("drop_ratio", 0.1),
+            hidden_proj=cfg.get("hidden_proj", 128),
+            adapter_dim=cfg.get("adapter_dim", 12),
+            adapter_scale=cfg.get("adapter_scale", 0.1),
+            adapter_dropout=cfg.get("adapter_dropout", 0.1),
+            max_len=cfg.get("max_len", 512),
+            image_prompt=cfg.get("image_prompt", "Image: "),
+            no_image_prompt=cfg.get("no_image_prompt", "Image: N/A"),
+            llm_dtype=dtype,
+        )
+        if cfg.get("load_finetuned", False):
+            finetuned = cfg.get("finetuned")
+            if not finetuned:
+                raise KeyError("load_finetuned is true but `finetuned` names no checkpoint")
+            model.load_checkpoint(finetuned)
+        return model
+
+    # ------------------------------------------------------------------ parameters and checkpoints
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total parameter counts, and the trainable count of each group."""
+        groups: dict[str, int] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                group = name.split(".")[0]
+                groups[group] = groups.get(group, 0) + p.numel()
+        return {
+            "trainable": sum(groups.values()),
+            "total": sum(p.numel() for p in self.parameters()),
+            **{f"trainable/{group}": count for group, count in groups.items()},
+        }
+
+    def load_checkpoint(self, url_or_filename: str) -> None:
+        """Load a checkpoint of this project's trainable weights; any missing or unknown key is an error."""
+        if not os.path.isfile(url_or_filename):
+            raise FileNotFoundError(f"checkpoint file not found: {url_or_filename}")
+        checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=True)
+        state = checkpoint.get("model", checkpoint)
+        self.load_trainable_state(state, source=url_or_filename)
+        logging.info("loaded ADEM-VL checkpoint %s", url_or_filename)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint {source} does not match this model (fusion={self.fusion}): "
+                f"missing trainable keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+        params = dict(self.named_parameters())
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(
+                    f"checkpoint {source}: {name} has shape {tuple(value.shape)}, model expects {tuple(params[name].shape)}"
+                )
+        self.load_state_dict(state, strict=False)
+
+    # ------------------------------------------------------------------ fusion hooks
+
+    def _decoder_layers(self) -> nn.ModuleList:
+        layers = getattr(self.llm.get_decoder(), "layers", None)
+        if layers is None or not all(hasattr(l, "self_attn") and hasattr(l, "mlp") for l in layers):
+            raise TypeError(
+                f"{type(self.llm).__name__} is not a LLaMA-family decoder (layers with self_attn and mlp)"
+            )
+        return layers
+
+    def _attach_fusion_hooks(self) -> None:
+        query_module, add_module = _POINT_MODULE[self.query_from], _POINT_MODULE[self.add_to]
+        for index, layer in enumerate(self._decoder_layers()):
+            if self.query_from.endswith("_in") and query_module == add_module:
+                # Query and addition on the same module: one hook sees both its input and its output.
+                getattr(layer, add_module).register_forward_hook(self._fuse_hook(index, own_input=True), with_kwargs=True)
+                continue
+            getattr(layer, query_module).register_forward_pre_hook(self._capture_hook(index), with_kwargs=True)
+            getattr(layer, add_module).register_forward_hook(self._fuse_hook(index, own_input=False), with_kwargs=True)
+
+    def _capture_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._memory is not None:
+                self._pending_queries[index] = _module_input(args, kwargs)
+
+        return hook
+
+    def _fuse_hook(self, index: int, own_input: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if self._memory is None:
+                return output
+            query = _module_input(args, kwargs) if own_input else self._pending_queries.pop(index)
+            keys, values = self._memory
+            fused = attend(activate(query, self.activation), keys, values, self.drop_ratio)
+            return _add_to_output(output, self.alpha * fused)
+
+        return hook
+
+    @contextlib.contextmanager
+    def _fusion_memory(self, keys: torch.Tensor | None, values: torch.Tensor | None) -> Iterator[None]:
+        """Make the activated keys and values of this batch visible to every decoder layer's hook."""
+        if keys is None:
+            yield
+            return
+        self._memory = (keys, values)
+        try:
+            yield
+        finally:
+            self._memory = None
+            self._pending_queries.clear()
+
+    # ------------------------------------------------------------------ visual side
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda" and self.llm_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.llm_dtype)
+        return contextlib.nullcontext()
+
+    def _vision_features(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + N, C]: the input of the last CLIP block after the tower's final layer norm; token 0 is [cls]."""
+        tower = self.vision_tower
+        hidden = tower(pixel_values=image.to(tower.dtype)).last_hidden_state
+        return tower.vision_model.post_layernorm(hidden)
+
+    def _visual_inputs(
+        self, image: torch.Tensor | None, has_image: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Per forward, once: (activated keys [B,Nv,d], values [B,Nv,d], slot embeddings [B,S,d] or None)."""
+        batch = has_image.shape[0]
+        if self.fusion == "none":
+            keys = activate(self.visual_key_offset, self.activation).expand(batch, -1, -1)
+            return keys, self.visual_value_offset.expand(batch, -1, -1), None
+        if image is None:
+            raise KeyError("samples need an `image` tensor (placeholder images for text-only samples)")
+        features = self._vision_features(image)
+        if self.fusion == "prefix":
+            return None, None, self.visual_proj(features)
+        slots = []
+        if self.with_cls:
+            slots.append(self.cls_proj(features[:, :1]))
+        if self.num_visual_input_tokens:
+            pooled = multiscale_pool(features[:, 1:], [self.num_visual_input_tokens], self.pooling)
+            slots.append(self.visual_proj(pooled))
+        pooled = multiscale_pool(features[:, 1:], self.down_sample_num, self.pooling)
+        visual = self.beta * self.visual_proj(pooled) * has_image.to(features.dtype).view(-1, 1, 1)
+        keys = activate(visual + self.visual_key_offset, self.activation)
+        values = visual + self.visual_value_offset
+        return keys, values, torch.cat(slots, dim=1) if slots else None
+
+    # ------------------------------------------------------------------ text side
+
+    def _encode_sample(self, prompt: str, cue: str, answer: str | None, with_slot: bool) -> tuple[list[int], int, list[int]]:
+        """Token ids, the index of the first image-slot token (-1 if none), and labels (-100 = no loss).
+
+        Layout: <bos>? image-prefix [slot] prompt cue answer <eos>. Only the prompt may be cut, in its middle.
+        """
+        tok = self.tokenizer
+        prefix: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        slot_start = -1
+        if self.slot_length:
+            prefix += tok(self.image_prompt if with_slot else self.no_image_prompt, add_special_tokens=False).input_ids
+            if with_slot:
+                slot_start = len(prefix)
+                prefix += [tok.pad_token_id] * self.slot_length
+        text = prompt + cue + (answer or "")
+        encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded.input_ids, encoded.offset_mapping
+        prompt_end, answer_start = len(prompt), len(prompt) + len(cue)
+        num_prompt = sum(1 for _, end in offsets if end <= prompt_end)
+        num_answer = sum(1 for start, end in offsets if start >= answer_start and end > start) if answer else 0
+        prompt_ids, protected = ids[:num_prompt], ids[num_prompt:]
+        answer_ids = protected[len(protected) - num_answer :] if num_answer else []
+        if answer is not None:
+            answer_ids = answer_ids + [tok.eos_token_id]
+            protected = protected + [tok.eos_token_id]
+        budget = self.max_len - len(prefix) - len(protected)
+        if budget < 0:
+            raise ValueError(
+                f"the image prefix, answer cue and answer take {len(prefix) + len(protected)} tokens, more than "
+                f"max_len={self.max_len}: {(cue + (answer or ''))[:80]!r}"
+            )
+        if len(prompt_ids) > budget:
+            if not self._truncation_warned:
+                logging.warning("prompts longer than max_len=%d are cut in their middle", self.max_len)
+                self._truncation_warned = True
+            head = budget // 2
+            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head) :]
+        input_ids = prefix + prompt_ids + protected
+        labels = [-100] * (len(input_ids) - len(answer_ids)) + answer_ids
+        return input_ids, slot_start, labels
+
+    def encode_batch(self, samples: dict, with_answer: bool) -> EncodedBatch:
+        """Tokenize, truncate and left-pad a batch (left padding keeps every sequence's last token aligned)."""
+        prompts = list(samples["text_input"])
+        cues = _per_sample(samples.get("answer_cue", ""), len(prompts))
+        answers = list(samples["text_output"]) if with_answer else [None] * len(prompts)
+        has_image = _has_image(samples, len(prompts))
+        encoded = [
+            self._encode_sample(p, c, a, bool(h) and self.fusion != "none")
+            for p, c, a, h in zip(prompts, cues, answers, has_image.tolist())
+        ]
+        length = max(len(ids) for ids, _, _ in encoded)
+        batch = len(encoded)
+        input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        slot_mask = torch.zeros((batch, length), dtype=torch.bool)
+        labels = torch.full((batch, length), -100, dtype=torch.long)
+        for row, (ids, slot_start, row_labels) in enumerate(encoded):
+            offset = length - len(ids)
+            input_ids[row, offset:] = torch.tensor(ids)
+            attention_mask[row, offset:] = 1
+            labels[row, offset:] = torch.tensor(row_labels)
+            if slot_start >= 0:
+                slot_mask[row, offset + slot_start : offset + slot_start + self.slot_length] = True
+        device = self.device
+        return EncodedBatch(input_ids.to(device), attention_mask.to(device), slot_mask.to(device), labels.to(device))
+
+    def _input_embeddings(self, encoded: EncodedBatch, slots: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(encoded.input_ids)
+        if slots is None:
+            return embeds
+        # Every sample's slot embeddings stay in the graph (zero weight when it has no image), so all trainable
+        # parameters receive a gradient in every step, as DDP requires.
+        slot_index = (encoded.slot_mask.cumsum(-1) - 1).clamp(min=0, max=self.slot_length - 1)
+        placed = torch.gather(slots.to(embeds.dtype), 1, slot_index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        return torch.where(encoded.slot_mask.unsqueeze(-1), placed, embeds)
+
+    # ------------------------------------------------------------------ forward and inference
+
+    def _run_llm(self, samples: dict, with_answer: bool, **generate_kwargs: Any) -> tuple[Any, EncodedBatch]:
+        """One LLM pass (or, given generate_kwargs, Hugging Face generation) with this batch's visual inputs."""
+        encoded = self.encode_batch(samples, with_answer)
+        has_image = _has_image(samples, encoded.input_ids.shape[0]).to(self.device)
+        with self._autocast():
+            keys, values, slots = self._visual_inputs(samples.get("image"), has_image)
+            embeds = self._input_embeddings(encoded, slots)
+            with self._fusion_memory(keys, values):
+                if generate_kwargs:
+                    output = self.llm.generate(
+                        inputs_embeds=embeds,
+                        attention_mask=encoded.attention_mask,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        **generate_kwargs,
+                    )
+                else:
+                    output = self.llm(
+                        inputs_embeds=embeds,
+                        attention_mask=encoded.attention_mask,
+                        position_ids=encoded.position_ids,
+                        labels=encoded.labels if with_answer else None,
+                        use_cache=False,
+                    )
+        return output, encoded
+
+    def forward(self, samples: dict) -> dict[str, torch.Tensor]:
+        """Language-modelling loss on the answer tokens (and the closing eos) only."""
+        output, _ = self._run_llm(samples, with_answer=True)
+        return {"loss": output.loss}
+
+    @torch.no_grad()
+    def next_token_logprobs(self, samples: dict) -> torch.Tensor:
+        """[B, vocab] log-probabilities of the token that follows prompt + answer cue."""
+        output, _ = self._run_llm(samples, with_answer=False)
+        return torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+
+    def first_answer_token(self, prompt: str, cue: str, answer: str) -> int:
+        """The id of the first token of `answer` when it follows `prompt + cue`, as training tokenizes it."""
+        _, _, labels = self._encode_sample(prompt, cue, answer, with_slot=False)
+        answer_ids = [label for label in labels if label != -100]
+        if len(answer_ids) < 2:  # answer tokens + eos
+            raise ValueError(f"answer {answer!r} produces no token")
+        return answer_ids[0]
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        samples: dict,
+        inference_method: str = "generate",
+        answer_list: Sequence[Sequence[str]] | None = None,
+        max_len: int = 1,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Answer each sample: `generate` decodes up to max_len greedy tokens after the answer cue; `rank` picks
+        the candidate (per-sample lists in `answer_list`) whose first token is most likely, so never fails."""
+        check_choice("inference_method", inference_method, ("generate", "rank"))
+        if inference_method == "generate":
+            new_tokens, _ = self._run_llm(samples, with_answer=False, max_new_tokens=max_len, do_sample=False, num_beams=1)
+            return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if answer_list is None:
+            raise ValueError("inference_method='rank' needs answer_list (candidate answers per sample)")
+        logprobs = self.next_token_logprobs(samples)
+        cues = _per_sample(samples.get("answer_cue", ""), len(answer_list))
+        predictions = []
+        for row, (prompt, cue, candidates) in enumerate(zip(samples["text_input"], cues, answer_list)):
+            token_ids = [self.first_answer_token(prompt, cue, candidate) for candidate in candidates]
+            if len(set(token_ids)) != len(token_ids):
+                raise ValueError(f"rank scoring compares first tokens, and candidates {list(candidates)} share one")
+            predictions.append(candidates[int(torch.argmax(logprobs[row, token_ids]))])
+        return predictions
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _adapter_hook(adapter: VisionAdapter):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + adapter(args[0]).to(output.dtype)
+
+    return hook
+
+
+def _module_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _add_to_output(output: Any, delta: torch.Tensor) -> Any:
+    if isinstance(output, tuple):  # attention modules return (hidden_states, weights, ...)
+        return (output[0] + delta.to(output[0].dtype),) + output[1:]
+    return output + delta.to(output.dtype)
+
+
+def _per_sample(value: str | Sequence[str], count: int) -> list[str]:
+    return [value] * count if isinstance(value, str) else list(value)
+
+
+def _has_image(samples: dict, count: int) -> torch.Tensor:
+    has_image = samples.get("has_image")
+    if has_image is None:
+        return torch.ones(count, dtype=torch.long) if samples.get("image") is not None else torch.zeros(count, dtype=torch.long)
+    return torch.as_tensor(has_image).long().cpu()
+
+
+def _load_llm(name_or_path: str | None, config: DictConfig | dict | None, dtype: torch.dtype) -> PreTrainedModel:
+    if (name_or_path is None) == (config is None):
+        raise KeyError("give exactly one of `llm_model` (hub name or local folder) and `llm_config` (random init)")
+    if config is not None:
+        config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
+        return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+
+
+def _load_vision_tower(name_or_path: str | None, config: DictConfig | dict | None, dtype: torch.dtype) -> CLIPVisionModel:
+    if (name_or_path is None) == (config is None):
+        raise KeyError("give exactly one of `vision_model` (hub name or local folder) and `vision_config` (random init)")
+    if config is not None:
+        config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
+        return CLIPVisionModel(CLIPVisionConfig(**config)).to(dtype)
+    return CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=dtype)

@@ -1,0 +1,142 @@
+"""ADEM-VL fusion math: parameter-free cross-attention with adaptive dropping, and multiscale pooling.
+
+Pure functions on tensors, usable without LAVIS or Hugging Face. Shapes:
+B batch, T text tokens, Nv visual tokens, d LLM width, C vision width.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "none", "relu", "elu", "softmax", "silu_positive")
+POOLINGS = ("avg", "max")
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise a ValueError naming the option, the bad value and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+def check_drop_ratio(drop_ratio: float) -> None:
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"drop_ratio={drop_ratio} must be in [0, 1)")
+
+
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The feature map applied to both queries and keys before their dot product (paper Table VIII)."""
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "none":
+        return x
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "elu":
+        return F.elu(x)
+    if activation == "softmax":
+        return torch.softmax(x, dim=-1)
+    if activation == "silu_positive":
+        return F.silu(x) - x.amin(dim=-1, keepdim=True)
+    check_choice("activation", activation, ACTIVATIONS)
+    raise AssertionError("unreachable")
+
+
+def drop_threshold_rank(num_visual: int, drop_ratio: float) -> int:
+    """1-based rank k of the per-row threshold: entries strictly below the k-th smallest are dropped."""
+    return math.floor(drop_ratio * num_visual) + 1
+
+
+def adaptive_drop(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+    """Zero, in each row of `scores` [..., Nv], every entry strictly below the row's k-th smallest value.
+
+    k = floor(drop_ratio * Nv) + 1, so ties at the threshold are kept and drop_ratio = 0 keeps all.
+    A k-th-value selection replaces the paper's full sort: same threshold, less work.
+    """
+    if drop_ratio == 0.0:
+        return scores
+    k = drop_threshold_rank(scores.shape[-1], drop_ratio)
+    # kthvalue has no bf16/fp16 CPU kernel on every build; the threshold is not differentiated anyway.
+    threshold = torch.kthvalue(scores.detach().float(), k, dim=-1, keepdim=True).values
+    return scores * (scores.float() >= threshold).to(scores.dtype)
+
+
+def attend(
+    activated_query: torch.Tensor,
+    activated_keys: torch.Tensor,
+    values: torch.Tensor,
+    drop_ratio: float,
+) -> torch.Tensor:
+    """drop(act(q) @ act(k)^T) @ v for already-activated queries [B,T,d] and keys [B,Nv,d] -> [B,T,d].
+
+    The model activates keys once per forward and calls this in every decoder layer.
+    """
+    scores = torch.matmul(activated_query, activated_keys.transpose(-1, -2))  # [B, T, Nv]
+    return torch.matmul(adaptive_drop(scores, drop_ratio), values)
+
+
+def adaptive_cross_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    drop_ratio: float,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Parameter-free cross-attention of ADEM-VL.
+
+    Args:
+        query: [B, T, d] text hidden states (e.g. the decoder MLP's input).
+        keys: [B, Nv, d] X_v + E1, before the activation.
+        values: [B, Nv, d] X_v + E2.
+        drop_ratio: gamma in [0, 1); the fraction of lowest-scoring visual features dropped per text token.
+        activation: one of ACTIVATIONS, applied to both query and keys.
+
+    Returns:
+        [B, T, d]: drop(act(query) @ act(keys)^T) @ values.
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    check_drop_ratio(drop_ratio)
+    if query.shape[-1] != keys.shape[-1] or keys.shape != values.shape:
+        raise ValueError(
+            f"shape mismatch: query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+        )
+    return attend(activate(query, activation), activate(keys, activation), values, drop_ratio)
+
+
+def check_scales(down_sample_num: Sequence[int], num_patches: int) -> list[int]:
+    """Validate the multiscale token counts: each a perfect square no larger than the patch count."""
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"the vision tower gives {num_patches} patch tokens, not a square grid")
+    if len(down_sample_num) == 0:
+        raise ValueError("down_sample_num is empty; give at least one scale, e.g. [256, 64]")
+    sides = []
+    for size in down_sample_num:
+        side = math.isqrt(int(size))
+        if side * side != size or size > num_patches or size <= 0:
+            raise ValueError(
+                f"down_sample_num entry {size} must be a positive square no larger than the "
+                f"{num_patches} patch tokens of the vision tower (e.g. {num_patches}, {num_patches // 4})"
+            )
+        sides.append(side)
+    return sides
+
+
+def multiscale_pool(patches: torch.Tensor, down_sample_num: Sequence[int], pooling: str = "avg") -> torch.Tensor:
+    """Pool patch tokens [B, N, C] on their sqrt(N) x sqrt(N) grid to each scale, then concatenate.
+
+    Returns [B, sum(down_sample_num), C]; a scale equal to N is the identity.
+    """
+    check_choice("pooling", pooling, POOLINGS)
+    batch, num_patches, width = patches.shape
+    sides = check_scales(down_sample_num, num_patches)
+    grid = math.isqrt(num_patches)
+    image = patches.transpose(1, 2).reshape(batch, width, grid, grid)
+    pool = F.adaptive_avg_pool2d if pooling == "avg" else F.adaptive_max_pool2d
+    scales = []
+    for side in sides:
+        pooled = image if side == grid else pool(image, side)
+        scales.append(pooled.flatten(2).transpose(1, 2))
+    return torch.cat(scales, dim=1)

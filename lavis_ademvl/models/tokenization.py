@@ -1,0 +1,37 @@
+"""Tokenizer loading, including a file-free byte-level tokenizer for randomly initialised test models."""
+from __future__ import annotations
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+BYTE_LEVEL = "byte_level"
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte plus <pad>, <s>, </s> (ids 256-258): needs no file and no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    for special in ("<pad>", "<s>", "</s>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """`byte_level`, a hub name or a local folder; must be a fast tokenizer (offsets keep answers aligned)."""
+    if name_or_path == BYTE_LEVEL:
+        return byte_level_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"tokenizer {name_or_path!r} has no fast (Rust) version; ADEM-VL needs character offsets to "
+            "separate prompt, answer cue and answer tokens"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} defines no eos token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

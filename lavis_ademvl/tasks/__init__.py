@@ -1,0 +1,3 @@
+from lavis_ademvl.tasks.scienceqa import ScienceQAMCTask
+
+__all__ = ["ScienceQAMCTask"]

@@ -1,0 +1,124 @@
+"""Task `scienceqa_mc`: multiple-choice evaluation with ScienceQA's Table I breakdown."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any, Iterable
+
+from lavis.common.dist_utils import is_main_process
+from lavis.common.registry import registry
+from lavis.tasks.base_task import BaseTask
+
+from lavis_ademvl.common.registration import register
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import answer_text
+from lavis_ademvl.models.fusion import check_choice
+
+INFERENCE_METHODS = ("generate", "rank")
+TABLE_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+SUBJECT_COLUMNS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+
+
+def first_capital_letter(text: str) -> str:
+    """The prediction read from generated text: its first capital letter, or "" (counted wrong)."""
+    match = re.search(r"[A-Z]", text)
+    return match.group(0) if match else ""
+
+
+def _grade_number(grade: str) -> int | None:
+    match = re.search(r"\d+", str(grade))
+    return int(match.group(0)) if match else None
+
+
+def _columns(record: dict) -> Iterable[str]:
+    """The Table I columns a question counts towards (besides Avg)."""
+    if record["subject"] in SUBJECT_COLUMNS:
+        yield SUBJECT_COLUMNS[record["subject"]]
+    if record["has_context"]:
+        yield "TXT"
+    if record["has_image"]:
+        yield "IMG"
+    if not record["has_context"] and not record["has_image"]:
+        yield "NO"
+    grade = _grade_number(record["grade"])
+    if grade is not None:
+        yield "G1-6" if grade <= 6 else "G7-12"
+    yield "Avg"
+
+
+def scienceqa_metrics(records: list[dict]) -> dict[str, Any]:
+    """Accuracy (percent) per Table I column, question counts per column, and agg_metrics = Avg.
+
+    A column without questions reports None.
+    """
+    totals = {column: 0 for column in TABLE_COLUMNS}
+    correct = {column: 0 for column in TABLE_COLUMNS}
+    for record in records:
+        for column in _columns(record):
+            totals[column] += 1
+            correct[column] += int(record["prediction"] == record["answer"])
+    metrics: dict[str, Any] = {
+        column: (100.0 * correct[column] / totals[column] if totals[column] else None) for column in TABLE_COLUMNS
+    }
+    metrics["counts"] = totals
+    metrics["agg_metrics"] = metrics["Avg"] if metrics["Avg"] is not None else 0.0
+    return metrics
+
+
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A markdown table, one row per named result, Table I's columns."""
+    lines = ["| Method | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = ["-" if metrics.get(c) is None else f"{metrics[c]:.2f}" for c in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@register("task", "scienceqa_mc")
+class ScienceQAMCTask(BaseTask):
+    def __init__(self, inference_method: str = "generate") -> None:
+        super().__init__()
+        check_choice("run.inference_method", inference_method, INFERENCE_METHODS)
+        self.inference_method = inference_method
+
+    @classmethod
+    def setup_task(cls, cfg: Any, **kwargs: Any) -> "ScienceQAMCTask":
+        return cls(inference_method=cfg.run_cfg.get("inference_method", "generate"))
+
+    def valid_step(self, model: Any, samples: dict) -> list[dict]:
+        if self.inference_method == "rank":
+            candidates = [[answer_text(letter) for letter in letters] for letters in samples["choices"]]
+            outputs = model.predict_answers(samples, inference_method="rank", answer_list=candidates)
+        else:
+            outputs = model.predict_answers(samples, inference_method="generate", max_len=1)
+        return [
+            {
+                "question_id": samples["question_id"][row],
+                "output": output,
+                "prediction": first_capital_letter(output),
+                "answer": samples["answer"][row],
+                "subject": samples["subject"][row],
+                "grade": samples["grade"][row],
+                "has_context": int(samples["has_context"][row]),
+                "has_image": int(samples["has_image"][row]),
+            }
+            for row, output in enumerate(outputs)
+        ]
+
+    def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
+        result_file = self.save_result(
+            val_result,
+            result_dir=registry.get_path("result_dir"),
+            filename=f"{split_name}_epoch{epoch}",
+            remove_duplicate="question_id",
+        )
+        if not is_main_process():
+            return None
+        with open(result_file) as handle:
+            records = json.load(handle)
+        metrics = scienceqa_metrics(records)
+        logging.info("ScienceQA %s (%d questions):\n%s", split_name, len(records), format_table({"ADEM-VL": metrics}))
+        with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as handle:
+            handle.write(json.dumps({"split": split_name, "epoch": epoch, **metrics}) + "\n")
+        return metrics
