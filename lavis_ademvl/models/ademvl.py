@@ -486,7 +486,9 @@ class AdemVL(BaseModel):
 
     # ------------------------------------------------------------------ forward and inference
 
-    def _run_llm(self, samples: dict, with_answer: bool, **generate_kwargs: Any) -> tuple[Any, EncodedBatch]:
+    def _run_llm(
+        self, samples: dict, with_answer: bool, compute_loss: bool = True, **generate_kwargs: Any
+    ) -> tuple[Any, EncodedBatch]:
         """One LLM pass (or, given generate_kwargs, Hugging Face generation) with this batch's visual inputs."""
         encoded = self.encode_batch(samples, with_answer)
         has_image = _has_image(samples, encoded.input_ids.shape[0]).to(self.device)
@@ -507,7 +509,7 @@ class AdemVL(BaseModel):
                         inputs_embeds=embeds,
                         attention_mask=encoded.attention_mask,
                         position_ids=encoded.position_ids,
-                        labels=encoded.labels if with_answer else None,
+                        labels=encoded.labels if with_answer and compute_loss else None,
                         use_cache=False,
                     )
         return output, encoded
@@ -523,13 +525,37 @@ class AdemVL(BaseModel):
         output, _ = self._run_llm(samples, with_answer=False)
         return torch.log_softmax(output.logits[:, -1].float(), dim=-1)
 
-    def first_answer_token(self, prompt: str, cue: str, answer: str) -> int:
-        """The id of the first token of `answer` when it follows `prompt + cue`, as training tokenizes it."""
-        _, _, labels = self._encode_sample(prompt, cue, answer, with_slot=False)
-        answer_ids = [label for label in labels if label != -100]
-        if len(answer_ids) < 2:  # answer tokens + eos
-            raise ValueError(f"answer {answer!r} produces no token")
-        return answer_ids[0]
+    @torch.no_grad()
+    def score_candidates(self, samples: dict, answer_list: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Sum of log-probabilities of each candidate's tokens (and the closing eos) after prompt + answer cue.
+
+        All (sample, candidate) pairs go through the LLM as one batch.
+        """
+        pairs = [(row, candidate) for row, candidates in enumerate(answer_list) for candidate in candidates]
+        if not pairs:
+            raise ValueError("answer_list holds no candidate")
+        rows = torch.tensor([row for row, _ in pairs])
+        count = len(answer_list)
+        cues = _per_sample(samples.get("answer_cue", ""), count)
+        expanded = {
+            "has_image": _has_image(samples, count)[rows],
+            "text_input": [samples["text_input"][row] for row, _ in pairs],
+            "answer_cue": [cues[row] for row, _ in pairs],
+            "text_output": [candidate for _, candidate in pairs],
+        }
+        if samples.get("image") is not None:
+            expanded["image"] = samples["image"][rows.to(samples["image"].device)]
+        output, encoded = self._run_llm(expanded, with_answer=True, compute_loss=False)
+        logprobs = torch.log_softmax(output.logits[:, :-1].float(), dim=-1)
+        targets = encoded.labels[:, 1:]
+        mask = targets != -100
+        token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        flat_scores = token_logprobs.sum(-1).tolist()
+        scores, start = [], 0
+        for candidates in answer_list:
+            scores.append(flat_scores[start : start + len(candidates)])
+            start += len(candidates)
+        return scores
 
     @torch.no_grad()
     def predict_answers(
@@ -540,23 +566,16 @@ class AdemVL(BaseModel):
         max_len: int = 1,
         **kwargs: Any,
     ) -> list[str]:
-        """Answer each sample: `generate` decodes up to max_len greedy tokens after the answer cue; `rank` picks
-        the candidate (per-sample lists in `answer_list`) whose first token is most likely, so never fails."""
+        """Answer each sample: `generate` decodes up to max_len greedy tokens after the answer cue; `rank` returns
+        the most likely candidate of each sample's list in `answer_list`, so it always gives a valid answer."""
         check_choice("inference_method", inference_method, ("generate", "rank"))
         if inference_method == "generate":
             new_tokens, _ = self._run_llm(samples, with_answer=False, max_new_tokens=max_len, do_sample=False, num_beams=1)
             return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         if answer_list is None:
             raise ValueError("inference_method='rank' needs answer_list (candidate answers per sample)")
-        logprobs = self.next_token_logprobs(samples)
-        cues = _per_sample(samples.get("answer_cue", ""), len(answer_list))
-        predictions = []
-        for row, (prompt, cue, candidates) in enumerate(zip(samples["text_input"], cues, answer_list)):
-            token_ids = [self.first_answer_token(prompt, cue, candidate) for candidate in candidates]
-            if len(set(token_ids)) != len(token_ids):
-                raise ValueError(f"rank scoring compares first tokens, and candidates {list(candidates)} share one")
-            predictions.append(candidates[int(torch.argmax(logprobs[row, token_ids]))])
-        return predictions
+        scores = self.score_candidates(samples, answer_list)
+        return [candidates[max(range(len(row)), key=row.__getitem__)] for candidates, row in zip(answer_list, scores)]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -237,7 +237,7 @@ class RunnerAdemVL(RunnerBase):
                 optimizer.zero_grad(set_to_none=True)
             metric_logger.update(loss=loss.item())
             metric_logger.update(lr=optimizer.param_groups[0]["lr"] if lr is None else lr)
-        metric_logger.synchronize_between_processes()
+        self._synchronize_meters(metric_logger)
         logging.info("Averaged stats: %s", metric_logger.global_avg())
         return {name: f"{meter.global_avg:.6f}" for name, meter in metric_logger.meters.items()}
 
@@ -294,6 +294,15 @@ class RunnerAdemVL(RunnerBase):
         self.best_agg_metric = float(checkpoint.get("best_agg_metric", -math.inf))
         self.best_epoch = int(checkpoint.get("best_epoch", -1))
         logging.info("Resumed from %s at epoch %d", url_or_filename, self.start_epoch)
+
+    def _synchronize_meters(self, metric_logger: MetricLogger) -> None:
+        """Average meters over ranks on the run's device (LAVIS's version always allocates on CUDA)."""
+        if not self.use_distributed:
+            return
+        for meter in metric_logger.meters.values():
+            totals = torch.tensor([meter.count, meter.total], dtype=torch.float64, device=self.device)
+            dist.all_reduce(totals)
+            meter.count, meter.total = int(totals[0].item()), totals[1].item()
 
     def _barrier(self) -> None:
         if self.use_distributed and dist.is_initialized():

@@ -1,0 +1,241 @@
+"""The ADEM-VL model on tiny random LLaMA + CLIP configs (real Hugging Face classes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool
+
+TRAINABLE_GROUPS = {"visual_key_offset", "visual_value_offset", "visual_proj", "cls_proj", "vision_adapters"}
+
+
+def make_batch(batch: int = 4, has_image=None, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    has_image = torch.tensor(has_image if has_image is not None else [1, 0] * (batch // 2))
+    return {
+        "image": torch.randn(batch, 3, 32, 32, generator=generator),
+        "has_image": has_image,
+        "text_input": [f"Question: what is shown in picture {i}?\nOptions: (A) x (B) y\n" for i in range(batch)],
+        "answer_cue": "Answer: The answer is",
+        "text_output": [" A." if i % 2 else " B." for i in range(batch)],
+    }
+
+
+def test_trainable_parameters_are_exactly_the_design_groups():
+    model = tiny_model()
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == TRAINABLE_GROUPS
+    counts = model.parameter_counts()
+    d, width, hidden, rank = 64, 32, 16, 4
+    expected = {
+        "trainable/visual_key_offset": 20 * d,
+        "trainable/visual_value_offset": 20 * d,
+        "trainable/visual_proj": width * hidden + hidden + hidden * d + d,
+        "trainable/cls_proj": width * hidden + hidden + hidden * d + d,
+        "trainable/vision_adapters": 2 * (2 * width * rank),  # 3 CLIP blocks, the last never runs
+    }
+    for key, value in expected.items():
+        assert counts[key] == value, key
+    assert counts["trainable"] == sum(expected.values())
+    assert counts["total"] > counts["trainable"]
+
+
+def test_gradients_reach_trainable_parameters_only():
+    model = tiny_model()
+    model.train()
+    # fc2 starts at zero, so fc1 only gets a gradient once fc2 moved: move it first.
+    with torch.no_grad():
+        for adapter in model.vision_adapters:
+            adapter.fc2.weight.normal_(0, 0.1)
+    model(make_batch())["loss"].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = tiny_model()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = make_batch()
+    losses = []
+    for _ in range(12):
+        loss = model(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_samples_without_images_ignore_their_placeholder():
+    model = tiny_model().eval()
+    batch = make_batch(has_image=[0, 0, 0, 0])
+    loss = model(batch)["loss"]
+    assert torch.isfinite(loss)
+    other = dict(batch, image=torch.randn(4, 3, 32, 32))
+    torch.testing.assert_close(model(other)["loss"], loss)
+    # With an image the same question sees it.
+    with_image = dict(batch, has_image=torch.ones(4, dtype=torch.long))
+    assert not torch.allclose(model(with_image)["loss"], model(dict(with_image, image=other["image"]))["loss"])
+
+
+def test_decoder_layer_adds_the_reference_fusion():
+    model = tiny_model(alpha=0.7, drop_ratio=0.25).eval()
+    batch = make_batch(2, has_image=[1, 0])
+    captured = []
+    layer = model.llm.model.layers[1]
+    handle = layer.mlp.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
+    model(batch)
+    handle.remove()
+    mlp_in, fused_out = captured[0]
+    with torch.no_grad():
+        features = model._vision_features(batch["image"])
+        pooled = multiscale_pool(features[:, 1:], [16, 4])
+        x_v = 0.01 * model.visual_proj(pooled) * torch.tensor([1.0, 0.0]).view(2, 1, 1)
+        reference = type(layer.mlp).forward(layer.mlp, mlp_in) + 0.7 * adaptive_cross_attention(
+            mlp_in, x_v + model.visual_key_offset, x_v + model.visual_value_offset, 0.25, "silu"
+        )
+    torch.testing.assert_close(fused_out, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_truncation_keeps_slot_cue_and_answer():
+    model = tiny_model(max_len=80)
+    long_prompt = "Question: " + "very long context " * 50 + "END\n"
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "has_image": torch.tensor([1, 0]),
+        "text_input": [long_prompt, long_prompt],
+        "answer_cue": "Answer: The answer is",
+        "text_output": [" C.", " C."],
+    }
+    encoded = model.encode_batch(batch, with_answer=True)
+    assert encoded.input_ids.shape[1] == 80
+    assert encoded.slot_mask[0].sum() == model.slot_length == 1 and encoded.slot_mask[1].sum() == 0
+    tokenizer = model.tokenizer
+    for row in range(2):
+        text = tokenizer.decode(encoded.input_ids[row][encoded.attention_mask[row].bool()], skip_special_tokens=True)
+        assert text.endswith("END\nAnswer: The answer is C.")
+        assert text.startswith("Image: ") and "Question: very" in text
+        labels = encoded.labels[row][encoded.labels[row] != -100].tolist()
+        assert tokenizer.decode(labels) == " C.</s>"
+    # The [cls] slot sits right after "Image: ".
+    first = encoded.attention_mask[0].argmax()
+    slot_position = int(encoded.slot_mask[0].nonzero()[0])
+    assert tokenizer.decode(encoded.input_ids[0, first + 1 : slot_position]) == "Image: "
+    assert torch.isfinite(model(batch)["loss"])
+
+
+def test_answer_longer_than_max_len_is_an_error():
+    model = tiny_model(max_len=20)
+    batch = make_batch(2)
+    batch["text_output"] = [" a very long answer that cannot fit"] * 2
+    with pytest.raises(ValueError, match="more than max_len=20"):
+        model(batch)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"query_from": "attn_in", "add_to": "attn_out"},
+        {"query_from": "attn_in", "add_to": "mlp_out"},
+        {"with_cls": False},
+        {"num_visual_input_tokens": 4},
+        {"pooling": "max", "down_sample_num": [4]},
+        {"activation": "softmax", "drop_ratio": 0.0},
+        {"fusion": "prefix"},
+        {"fusion": "none"},
+    ],
+)
+def test_options_train_end_to_end(overrides):
+    model = tiny_model(**overrides)
+    model.train()
+    loss = model(make_batch())["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_slot_lengths_of_fusions():
+    assert tiny_model(fusion="prefix").slot_length == 17  # [cls] + 16 patches
+    assert tiny_model(num_visual_input_tokens=4).slot_length == 5
+    assert tiny_model(fusion="none").vision_tower is None
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"fusion": "late"}, ValueError, r"fusion='late'.*\['adem', 'prefix', 'none'\]"),
+        ({"activation": "tanh"}, ValueError, "activation='tanh'"),
+        ({"query_from": "mlp_out"}, ValueError, "query_from='mlp_out'"),
+        ({"query_from": "mlp_in", "add_to": "attn_out"}, ValueError, "comes before"),
+        ({"pooling": "median"}, ValueError, "pooling='median'"),
+        ({"down_sample_num": [8]}, ValueError, "down_sample_num entry 8"),
+        ({"down_sample_num": [64]}, ValueError, "down_sample_num entry 64"),
+        ({"drop_ratio": 1.5}, ValueError, "drop_ratio=1.5"),
+        ({"llm_dtype": "int8"}, ValueError, "llm_dtype='int8'"),
+        ({"adapter_rank": 4}, KeyError, "adapter_rank"),
+    ],
+)
+def test_bad_config_is_named(overrides, error, message):
+    with pytest.raises(error, match=message):
+        tiny_model(**overrides)
+
+
+def test_predict_answers_generate_and_rank():
+    model = tiny_model().eval()
+    batch = make_batch()
+    generated = model.predict_answers(batch, inference_method="generate", max_len=3)
+    assert len(generated) == 4 and all(isinstance(text, str) for text in generated)
+    candidates = [[" A.", " B.", " C."], [" A.", " B."], [" B.", " C.", " D.", " E."], [" C.", " A."]]
+    ranked = model.predict_answers(batch, inference_method="rank", answer_list=candidates)
+    for row, answer in enumerate(ranked):
+        # Independently: one sample and one candidate at a time, sum log-prob = -mean loss x answer tokens.
+        scores = []
+        for candidate in candidates[row]:
+            single = {key: (value[row : row + 1] if not isinstance(value, str) else value) for key, value in batch.items()}
+            single["text_output"] = [candidate]
+            labels = model.encode_batch(single, with_answer=True).labels
+            num_tokens = int((labels != -100).sum())
+            scores.append(-model(single)["loss"].item() * num_tokens)
+        assert answer == candidates[row][max(range(len(scores)), key=scores.__getitem__)]
+
+
+def test_greedy_generation_first_token_matches_next_token_argmax():
+    model = tiny_model().eval()
+    batch = make_batch()
+    first = model.predict_answers(batch, inference_method="generate", max_len=1)
+    argmax = model.next_token_logprobs(batch).argmax(-1)
+    assert first == [model.tokenizer.decode([int(t)], skip_special_tokens=True) for t in argmax]
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.visual_value_offset.normal_()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.trainable_state_dict()}, path)
+    other = tiny_model()
+    other.load_checkpoint(str(path))
+    torch.testing.assert_close(other.visual_value_offset, model.visual_value_offset)
+    state = model.trainable_state_dict()
+    del state["visual_key_offset"]
+    torch.save({"model": state}, path)
+    with pytest.raises(KeyError, match="missing trainable keys \\['visual_key_offset'\\]"):
+        other.load_checkpoint(str(path))
+    with pytest.raises(KeyError, match="unexpected keys"):
+        tiny_model(fusion="prefix").load_trainable_state(model.trainable_state_dict())
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        other.load_checkpoint(str(tmp_path / "nowhere.pth"))
+
+
+def test_from_config_reads_the_yaml_model_type():
+    assert AdemVL.default_config_path("tiny").endswith("tiny.yaml")
+    with pytest.raises(KeyError, match="unknown ademvl model_type 'huge'"):
+        AdemVL.default_config_path("huge")
+    assert tiny_config()["tokenizer"] == "byte_level"

@@ -1,0 +1,121 @@
+"""runner_ademvl: exact resume, 2-process gloo DDP, the per-iteration schedule, registration."""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cli import REPO, TINY_SQA, job_dirs, read_jsonl, run_module
+from lavis.common.registry import registry
+
+from lavis_ademvl.common.optims import LinearWarmupCosineIterLRScheduler
+
+
+def sqa_options(root, output_dir, *extra):
+    return [f"datasets.scienceqa_mc.build_info.data_root={root}", f"run.output_dir={output_dir}", *extra]
+
+
+def test_resume_equals_uninterrupted(sqa_root, tmp_path):
+    # 16 training questions, batch 8: 2 iterations per epoch, 2 epochs = 4 iterations.
+    common = ["run.batch_size_train=8", "run.valid_splits=[]", "run.test_splits=[]"]
+    run_module("lavis_ademvl.train", TINY_SQA, sqa_options(sqa_root, tmp_path / "full", *common), cwd=tmp_path)
+    run_module(
+        "lavis_ademvl.train", TINY_SQA,
+        sqa_options(sqa_root, tmp_path / "split", *common, "run.epochs_per_job=1"), cwd=tmp_path,
+    )
+    (first_job,) = job_dirs(tmp_path / "split")
+    assert not (first_job / "checkpoint_1.pth").exists()
+    run_module(
+        "lavis_ademvl.train", TINY_SQA,
+        sqa_options(sqa_root, tmp_path / "split", *common, f"run.resume_ckpt_path={first_job / 'checkpoint_latest.pth'}"),
+        cwd=tmp_path,
+    )
+    (full_job,) = job_dirs(tmp_path / "full")
+    assert job_dirs(tmp_path / "split") == [first_job]  # the resumed run continues in its own folder
+    full = torch.load(full_job / "checkpoint_latest.pth", weights_only=True)
+    resumed = torch.load(first_job / "checkpoint_latest.pth", weights_only=True)
+    assert full["epoch"] == resumed["epoch"] == 1
+    for key, value in full["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+    losses = lambda job: [e["train_loss"] for e in read_jsonl(job / "log.txt") if "train_loss" in e]
+    assert losses(full_job) == losses(first_job) and len(losses(full_job)) == 2
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(sqa_root, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "--cfg-path", str(TINY_SQA), "--options",
+        *sqa_options(sqa_root, tmp_path / "out", "run.batch_size_train=4", "run.max_epoch=1", "run.device=cpu"),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = torch.load(job_dirs(tmp_path / "out")[0] / "checkpoint_latest.pth", weights_only=True)["model"]
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(initial[key], rank0[key], rtol=0, atol=0, msg=key)
+    # Training moved the weights: the zero-initialised value offset is no longer zero.
+    assert rank0["visual_value_offset"].abs().sum() > 0
+    (job,) = job_dirs(tmp_path / "out")
+    evaluations = read_jsonl(job / "evaluate.txt")
+    assert evaluations[-1]["counts"]["Avg"] == 8  # padded duplicates of the distributed sampler are removed
+
+
+def test_per_iteration_warmup_cosine():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=0.0)
+    scheduler = LinearWarmupCosineIterLRScheduler(optimizer, max_epoch=4, init_lr=1.0, min_lr=0.1, warmup_epochs=1, iters_per_epoch=10)
+    assert scheduler.step(0, 0) == 0.0
+    assert scheduler.step(0, 5) == pytest.approx(0.5)
+    assert scheduler.step(1, 0) == pytest.approx(1.0)
+    assert scheduler.step(2, 5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1.5 / 3)))
+    assert scheduler.step(3, 9) > 0.1 and optimizer.param_groups[0]["lr"] == scheduler.step(3, 9)
+    assert registry.get_lr_scheduler_class("linear_warmup_cosine_iter_lr") is LinearWarmupCosineIterLRScheduler
+
+
+def test_registration_and_reimport():
+    import lavis_ademvl.models.ademvl as ademvl_module
+
+    names = {
+        "model": ["ademvl"], "processor": ["ademvl_image_train", "ademvl_image_eval", "ademvl_text"],
+        "task": ["scienceqa_mc"], "builder": ["scienceqa_mc"], "runner": ["runner_ademvl"],
+        "lr_scheduler": ["linear_warmup_cosine_iter_lr"],
+    }
+    for kind, kind_names in names.items():
+        for name in kind_names:
+            assert name in registry.mapping[f"{kind}_name_mapping"], (kind, name)
+            assert name != "scienceqa"  # LAVIS HEAD's own ScienceQA names
+    importlib.reload(ademvl_module)  # importing our modules again must not raise
+    assert registry.get_model_class("ademvl").__module__ == ademvl_module.__name__
+
+    from lavis.models import BaseModel
+    from lavis_ademvl.common.registration import register
+
+    class Impostor(BaseModel):
+        pass
+
+    with pytest.raises(KeyError, match="'ademvl' already registered"):
+        register("model", "ademvl")(Impostor)
+
+
+def test_load_model_and_preprocess():
+    from lavis.models import load_model_and_preprocess
+
+    model, vis_processors, text_processors = load_model_and_preprocess("ademvl", "tiny", is_eval=True, device="cpu")
+    assert not model.training and model.fusion == "adem"
+    image = vis_processors["eval"](__import__("PIL.Image", fromlist=["Image"]).new("RGB", (50, 40)))
+    assert image.shape == (3, 32, 32)
+    assert text_processors["eval"]("  two   spaces\tand tab ") == "two spaces and tab"
+    answers = model.predict_answers(
+        {"image": image.unsqueeze(0), "has_image": torch.tensor([1]), "text_input": ["Question: hi?\n"],
+         "answer_cue": "Answer:"},
+        inference_method="rank",
+        answer_list=[[" yes", " no"]],
+    )
+    assert answers[0] in (" yes", " no")

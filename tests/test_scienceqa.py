@@ -1,0 +1,158 @@
+"""ScienceQA: builder on the official layout, Table I metrics, end-to-end train/evaluate, bad inputs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from cli import TINY_SQA, job_dirs, read_jsonl, run_module
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+from scienceqa_fixture import make_scienceqa
+
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import build_prompt
+from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, first_capital_letter, scienceqa_metrics
+
+
+def build(root, **overrides):
+    builder_cls = registry.get_builder_class("scienceqa_mc")
+    config = OmegaConf.load(builder_cls.default_config_path()).datasets.scienceqa_mc
+    config.build_info.data_root = str(root)
+    config = OmegaConf.merge(config, OmegaConf.create(overrides))
+    return builder_cls(config).build_datasets()
+
+
+def test_builder_reads_official_layout(sqa_root):
+    datasets = build(sqa_root)
+    assert {split: len(d) for split, d in datasets.items()} == {"train": 16, "val": 8, "test": 8}
+    problems = json.loads((sqa_root / "problems.json").read_text())
+    test = datasets["test"]
+    flags = [test[i]["has_image"] for i in range(len(test))]
+    assert 0 < sum(flags) < len(flags)
+    for index in range(len(test)):
+        item = test[index]
+        problem = problems[item["question_id"]]
+        assert item["has_image"] == int(problem["image"] is not None)
+        assert item["image"].shape == (3, 224, 224)
+        assert item["answer"] == "ABCDE"[problem["answer"]]
+        assert item["text_output"] == f" {item['answer']}."
+        assert item["answer_cue"] == "Answer: The answer is"
+    pid = test.pids[1]  # the fixture's second question of a split has a hint and no image
+    hint = problems[pid]["hint"]
+    choices = problems[pid]["choices"]
+    options = " ".join(f"({letter}) {choice}" for letter, choice in zip("ABC", choices))
+    assert test[1]["text_input"] == f"Question: What colour is the square?\nContext: {hint}\nOptions: {options}\n"
+    assert build_prompt(problems[pid], "CQM-A").startswith(f"Context: {hint}\nQuestion: What colour")
+    assert build_prompt(problems[test.pids[0]], "QCM-A").count("Context: N/A") == 1
+
+
+def test_metrics_against_hand_computed_table():
+    def record(subject, context, image, grade, correct):
+        return {"subject": subject, "has_context": context, "has_image": image, "grade": grade,
+                "answer": "A", "prediction": "A" if correct else ""}
+
+    records = [
+        record("natural science", 1, 0, "grade3", True),
+        record("social science", 0, 1, "grade8", False),
+        record("language science", 0, 0, "grade12", True),
+        record("natural science", 1, 1, "grade6", False),
+        record("social science", 1, 0, "grade2", True),
+    ]
+    metrics = scienceqa_metrics(records)
+    expected = {"NAT": 50.0, "SOC": 50.0, "LAN": 100.0, "TXT": 200 / 3, "IMG": 0.0, "NO": 100.0,
+                "G1-6": 200 / 3, "G7-12": 50.0, "Avg": 60.0}
+    for column in TABLE_COLUMNS:
+        assert metrics[column] == pytest.approx(expected[column]), column
+    assert metrics["agg_metrics"] == pytest.approx(60.0)
+    assert metrics["counts"] == {"NAT": 2, "SOC": 2, "LAN": 1, "TXT": 3, "IMG": 2, "NO": 1, "G1-6": 3, "G7-12": 2, "Avg": 5}
+    assert scienceqa_metrics(records[:1])["SOC"] is None
+
+
+@pytest.mark.parametrize("text, letter", [(" B", "B"), ("the answer: C.", "C"), ("none", ""), ("", "")])
+def test_first_capital_letter(text, letter):
+    assert first_capital_letter(text) == letter
+
+
+@pytest.mark.parametrize("method", ["generate", "rank"])
+def test_train_two_iterations_then_evaluate(sqa_root, tmp_path, method):
+    run_module(
+        "lavis_ademvl.train",
+        TINY_SQA,
+        [
+            f"datasets.scienceqa_mc.build_info.data_root={sqa_root}",
+            f"run.output_dir={tmp_path / 'out'}",
+            "run.max_epoch=1",
+            "run.batch_size_train=8",  # 16 questions: 2 iterations
+            f"run.inference_method={method}",
+        ],
+        cwd=tmp_path,
+    )
+    (job,) = job_dirs(tmp_path / "out")
+    train_log = [entry for entry in read_jsonl(job / "log.txt") if "train_loss" in entry]
+    assert len(train_log) == 1 and float(train_log[0]["train_loss"]) > 0
+    evaluations = read_jsonl(job / "evaluate.txt")
+    assert [e["split"] for e in evaluations] == ["val", "test"]
+    for evaluation in evaluations:
+        assert set(TABLE_COLUMNS) <= set(evaluation) and "agg_metrics" in evaluation
+    predictions = json.loads((job / "result" / "test_epochbest.json").read_text())
+    assert len(predictions) == 8 and len({p["question_id"] for p in predictions}) == 8
+    accuracy = 100 * sum(p["prediction"] == p["answer"] for p in predictions) / 8
+    assert evaluations[-1]["Avg"] == pytest.approx(accuracy)
+    if method == "rank":
+        assert all(p["prediction"] in "ABC" and p["prediction"] for p in predictions)
+    assert (job / "checkpoint_best.pth").is_file() and (job / "checkpoint_latest.pth").is_file()
+    saved = torch.load(job / "checkpoint_latest.pth", weights_only=True)
+    assert not any(key.startswith(("llm.", "vision_tower.")) for key in saved["model"])
+
+
+def test_missing_data_root_is_named(tmp_path):
+    with pytest.raises(ValueError, match="build_info.data_root is not set"):
+        build(tmp_path, build_info={"data_root": None})
+    with pytest.raises(FileNotFoundError, match="not a folder: .*nowhere"):
+        build(tmp_path / "nowhere")
+
+
+def test_missing_problems_file_is_named(tmp_path):
+    (tmp_path / "pid_splits.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"problems file not found: {tmp_path / 'problems.json'}"):
+        build(tmp_path)
+
+
+def test_empty_split_is_named(tmp_path):
+    root = make_scienceqa(tmp_path / "sqa", {"train": 4, "val": 0, "test": 4})
+    with pytest.raises(ValueError, match="split 'val' .* is empty"):
+        build(root)
+
+
+def test_unknown_split_and_key_are_named(sqa_root):
+    with pytest.raises(KeyError, match="split 'minival'"):
+        build(sqa_root, build_info={"splits": {"val": "minival"}})
+    with pytest.raises(KeyError, match="build_info.image_root"):
+        build(sqa_root, build_info={"image_root": "x"})
+    with pytest.raises(ValueError, match="prompt_format='QA'"):
+        build(sqa_root, prompt_format="QA")
+
+
+def test_missing_and_corrupt_images_are_named(tmp_path):
+    root = make_scienceqa(tmp_path / "sqa", {"train": 4, "val": 4, "test": 4})
+    image = next((root / "images" / "test").glob("*/image.png"))
+    image.write_bytes(b"not a png at all")
+    test = build(root)["test"]
+    index = test.pids.index(image.parent.name)
+    with pytest.raises(ValueError, match=f"cannot read image {image} of ScienceQA question {image.parent.name}"):
+        test[index]
+    shutil.rmtree(image.parent)
+    with pytest.raises(FileNotFoundError, match=f"images are missing, e.g. .*{image.parent.name}/image.png"):
+        build(root)
+
+
+def test_unknown_run_key_is_named(sqa_root, tmp_path):
+    result = run_module(
+        "lavis_ademvl.train",
+        TINY_SQA,
+        [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", f"run.output_dir={tmp_path}", "run.max_epochs=3"],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0 and "unknown run config key(s) ['max_epochs']" in result.stderr
