@@ -105,6 +105,25 @@ def test_train_two_iterations_then_evaluate(sqa_root, tmp_path, method):
     saved = torch.load(job / "checkpoint_latest.pth", weights_only=True)
     assert not any(key.startswith(("llm.", "vision_tower.")) for key in saved["model"])
 
+    # The evaluation entry point reproduces the test figures from the saved checkpoint.
+    run_module(
+        "lavis_ademvl.evaluate",
+        TINY_SQA,
+        [
+            f"datasets.scienceqa_mc.build_info.data_root={sqa_root}",
+            f"run.output_dir={tmp_path / 'eval'}",
+            "run.evaluate=true",
+            f"run.inference_method={method}",
+            "model.load_finetuned=true",
+            f"model.finetuned={job / 'checkpoint_best.pth'}",
+        ],
+        cwd=tmp_path,
+    )
+    (eval_job,) = job_dirs(tmp_path / "eval")
+    (evaluation,) = read_jsonl(eval_job / "evaluate.txt")
+    assert evaluation["split"] == "test"
+    assert {c: evaluation[c] for c in TABLE_COLUMNS} == {c: evaluations[-1][c] for c in TABLE_COLUMNS}
+
 
 def test_missing_data_root_is_named(tmp_path):
     with pytest.raises(ValueError, match="build_info.data_root is not set"):
