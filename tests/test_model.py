@@ -211,7 +211,7 @@ def test_greedy_generation_first_token_matches_next_token_argmax():
     batch = make_batch()
     first = model.predict_answers(batch, inference_method="generate", max_len=1)
     argmax = model.next_token_logprobs(batch).argmax(-1)
-    assert first == [model.tokenizer.decode([int(t)], skip_special_tokens=True) for t in argmax]
+    assert first == [model.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in argmax]
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):

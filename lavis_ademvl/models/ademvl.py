@@ -58,7 +58,7 @@ MODEL_CONFIG_KEYS = frozenset(
         "llm_model", "llm_config", "llm_dtype", "tokenizer", "vision_model", "vision_config",
         "fusion", "activation", "query_from", "add_to", "down_sample_num", "pooling", "with_cls",
         "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj", "adapter_dim",
-        "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt",
+        "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt", "prompt",
     }
 )
 
@@ -139,6 +139,7 @@ class AdemVL(BaseModel):
         max_len: int = 512,
         image_prompt: str = "Image: ",
         no_image_prompt: str = "Image: N/A",
+        prompt: str = "",
         llm_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -165,6 +166,7 @@ class AdemVL(BaseModel):
         self.alpha, self.beta, self.drop_ratio = float(alpha), float(beta), float(drop_ratio)
         self.max_len = int(max_len)
         self.image_prompt, self.no_image_prompt = image_prompt, no_image_prompt
+        self.prompt = prompt
         self.llm_dtype = llm_dtype
         self.tokenizer = tokenizer
 
@@ -264,6 +266,7 @@ class AdemVL(BaseModel):
             max_len=cfg.get("max_len", 512),
             image_prompt=cfg.get("image_prompt", "Image: "),
             no_image_prompt=cfg.get("no_image_prompt", "Image: N/A"),
+            prompt=cfg.get("prompt", ""),
             llm_dtype=dtype,
         )
         if cfg.get("load_finetuned", False):
@@ -350,17 +353,25 @@ class AdemVL(BaseModel):
                 return output
             query = _module_input(args, kwargs) if own_input else self._pending_queries.pop(index)
             keys, values = self._memory
+            if query.shape[0] != keys.shape[0]:
+                raise RuntimeError(f"visual memory holds {keys.shape[0]} rows but the decoder runs {query.shape[0]}")
             fused = attend(activate(query, self.activation), keys, values, self.drop_ratio)
             return _add_to_output(output, self.alpha * fused)
 
         return hook
 
     @contextlib.contextmanager
-    def _fusion_memory(self, keys: torch.Tensor | None, values: torch.Tensor | None) -> Iterator[None]:
-        """Make the activated keys and values of this batch visible to every decoder layer's hook."""
+    def _fusion_memory(self, keys: torch.Tensor | None, values: torch.Tensor | None, expand: int = 1) -> Iterator[None]:
+        """Make the activated keys and values of this batch visible to every decoder layer's hook.
+
+        Generation runs `expand` rows per sample (beams or sampled sequences), repeated in place as Hugging Face
+        does; beam reordering only permutes rows of one sample, which share their visual memory.
+        """
         if keys is None:
             yield
             return
+        if expand > 1:
+            keys, values = keys.repeat_interleave(expand, dim=0), values.repeat_interleave(expand, dim=0)
         self._memory = (keys, values)
         try:
             yield
@@ -421,7 +432,13 @@ class AdemVL(BaseModel):
             if with_slot:
                 slot_start = len(prefix)
                 prefix += [tok.pad_token_id] * self.slot_length
-        text = prompt + cue + (answer or "")
+        # Trailing spaces belong to the answer's first token ("of" + " a", not "of " + "a"), so training and
+        # generation see the same token boundary.
+        context = (prompt + cue).rstrip()
+        if answer is not None:
+            answer = (prompt + cue)[len(context) :] + answer
+        prompt, cue = prompt[: len(context)], context[len(prompt) :] if len(context) > len(prompt) else ""
+        text = context + (answer or "")
         encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded.input_ids, encoded.offset_mapping
         prompt_end, answer_start = len(prompt), len(prompt) + len(cue)
@@ -448,11 +465,37 @@ class AdemVL(BaseModel):
         labels = [-100] * (len(input_ids) - len(answer_ids)) + answer_ids
         return input_ids, slot_start, labels
 
-    def encode_batch(self, samples: dict, with_answer: bool) -> EncodedBatch:
+    def sample_texts(
+        self, samples: dict, with_answer: bool, prompt: str | None = None
+    ) -> tuple[list[str], list[str], list[str | None]]:
+        """(prompts, answer cues, answers) of a batch in any of the sample formats LAVIS's datasets produce:
+
+        - `text_input` + `text_output` (+ `answer_cue`): prompt and target given (ScienceQA, our VQA);
+        - `text_input` + `answer`/`weight`/`n_answers` (LAVIS VQA training): question in `prompt`, best answer;
+        - `text_input` alone while training (LAVIS captioning): the caption follows `prompt`;
+        - otherwise (inference): `text_input` as a question in `prompt`, or `prompt` alone (captioning).
+        """
+        template = self.prompt if prompt is None else prompt
+        count = _batch_size(samples)
+        cues = _per_sample(samples.get("answer_cue", ""), count)
+        if "text_output" in samples:
+            return list(samples["text_input"]), cues, list(samples["text_output"]) if with_answer else [None] * count
+        questions = samples.get("text_input")
+        if "n_answers" in samples:
+            prompts = [_fill_prompt(template, q) for q in questions]
+            if not with_answer:
+                return prompts, cues, [None] * count
+            return prompts, cues, [_answer_after(p + c, a) for p, c, a in zip(prompts, cues, _best_answers(samples))]
+        if with_answer:
+            if questions is None:
+                raise KeyError("training samples need `text_input` (and `text_output` unless it is a caption)")
+            return [template] * count, cues, [_answer_after(template + c, caption) for c, caption in zip(cues, questions)]
+        prompts = [_fill_prompt(template, q) for q in questions] if questions is not None else [template] * count
+        return prompts, cues, [None] * count
+
+    def encode_batch(self, samples: dict, with_answer: bool, prompt: str | None = None) -> EncodedBatch:
         """Tokenize, truncate and left-pad a batch (left padding keeps every sequence's last token aligned)."""
-        prompts = list(samples["text_input"])
-        cues = _per_sample(samples.get("answer_cue", ""), len(prompts))
-        answers = list(samples["text_output"]) if with_answer else [None] * len(prompts)
+        prompts, cues, answers = self.sample_texts(samples, with_answer, prompt)
         has_image = _has_image(samples, len(prompts))
         encoded = [
             self._encode_sample(p, c, a, bool(h) and self.fusion != "none")
@@ -487,15 +530,21 @@ class AdemVL(BaseModel):
     # ------------------------------------------------------------------ forward and inference
 
     def _run_llm(
-        self, samples: dict, with_answer: bool, compute_loss: bool = True, **generate_kwargs: Any
+        self,
+        samples: dict,
+        with_answer: bool,
+        compute_loss: bool = True,
+        prompt: str | None = None,
+        expand: int = 1,
+        **generate_kwargs: Any,
     ) -> tuple[Any, EncodedBatch]:
-        """One LLM pass (or, given generate_kwargs, Hugging Face generation) with this batch's visual inputs."""
-        encoded = self.encode_batch(samples, with_answer)
+        """One LLM pass (or, given generate_kwargs, Hugging Face generation with `expand` rows per sample)."""
+        encoded = self.encode_batch(samples, with_answer, prompt)
         has_image = _has_image(samples, encoded.input_ids.shape[0]).to(self.device)
         with self._autocast():
             keys, values, slots = self._visual_inputs(samples.get("image"), has_image)
             embeds = self._input_embeddings(encoded, slots)
-            with self._fusion_memory(keys, values):
+            with self._fusion_memory(keys, values, expand):
                 if generate_kwargs:
                     output = self.llm.generate(
                         inputs_embeds=embeds,
@@ -526,56 +575,133 @@ class AdemVL(BaseModel):
         return torch.log_softmax(output.logits[:, -1].float(), dim=-1)
 
     @torch.no_grad()
-    def score_candidates(self, samples: dict, answer_list: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Sum of log-probabilities of each candidate's tokens (and the closing eos) after prompt + answer cue.
+    def generate(
+        self,
+        samples: dict,
+        use_nucleus_sampling: bool = False,
+        num_beams: int = 5,
+        max_length: int = 30,
+        min_length: int = 1,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_captions: int = 1,
+        temperature: float = 1.0,
+        prompt: str | None = None,
+    ) -> list[str]:
+        """Text after each sample's prompt (captions: after `prompt`), with Hugging Face `generate` and its KV cache.
 
-        All (sample, candidate) pairs go through the LLM as one batch.
+        Returns num_captions strings per sample, sample-major. max_length/min_length count new tokens.
+        """
+        options: dict[str, Any] = {
+            "max_new_tokens": max_length,
+            "min_new_tokens": min_length,
+            "repetition_penalty": repetition_penalty,
+            "num_return_sequences": num_captions,
+        }
+        if use_nucleus_sampling:
+            options.update(do_sample=True, top_p=top_p, temperature=temperature, num_beams=1)
+            expand = num_captions
+        else:
+            if num_captions > num_beams:
+                raise ValueError(f"num_captions={num_captions} needs num_beams >= num_captions (got {num_beams})")
+            options.update(do_sample=False, num_beams=num_beams)
+            if num_beams > 1:
+                options["length_penalty"] = length_penalty
+            expand = num_beams
+        new_tokens, _ = self._run_llm(samples, with_answer=False, prompt=prompt, expand=expand, **options)
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        samples: dict,
+        answer_list: Sequence[Sequence[str]],
+        prompt: str | None = None,
+        rows_per_pass: int = 64,
+    ) -> list[list[float]]:
+        """Sum of log-probabilities of each candidate's tokens (and the closing eos) after the sample's prompt.
+
+        The (sample, candidate) pairs go through the LLM `rows_per_pass` at a time.
         """
         pairs = [(row, candidate) for row, candidates in enumerate(answer_list) for candidate in candidates]
         if not pairs:
             raise ValueError("answer_list holds no candidate")
-        rows = torch.tensor([row for row, _ in pairs])
-        count = len(answer_list)
-        cues = _per_sample(samples.get("answer_cue", ""), count)
-        expanded = {
-            "has_image": _has_image(samples, count)[rows],
-            "text_input": [samples["text_input"][row] for row, _ in pairs],
-            "answer_cue": [cues[row] for row, _ in pairs],
-            "text_output": [candidate for _, candidate in pairs],
-        }
-        if samples.get("image") is not None:
-            expanded["image"] = samples["image"][rows.to(samples["image"].device)]
-        output, encoded = self._run_llm(expanded, with_answer=True, compute_loss=False)
-        logprobs = torch.log_softmax(output.logits[:, :-1].float(), dim=-1)
-        targets = encoded.labels[:, 1:]
-        mask = targets != -100
-        token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        flat_scores = token_logprobs.sum(-1).tolist()
+        prompts, cues, _ = self.sample_texts(samples, with_answer=False, prompt=prompt)
+        has_image = _has_image(samples, len(prompts))
+        flat_scores: list[float] = []
+        for start in range(0, len(pairs), rows_per_pass):
+            chunk = pairs[start : start + rows_per_pass]
+            rows = torch.tensor([row for row, _ in chunk])
+            expanded = {
+                "has_image": has_image[rows],
+                "text_input": [prompts[row] for row, _ in chunk],
+                "answer_cue": [cues[row] for row, _ in chunk],
+                "text_output": [candidate for _, candidate in chunk],
+            }
+            if samples.get("image") is not None:
+                expanded["image"] = samples["image"][rows.to(samples["image"].device)]
+            output, encoded = self._run_llm(expanded, with_answer=True, compute_loss=False)
+            logprobs = torch.log_softmax(output.logits[:, :-1].float(), dim=-1)
+            targets = encoded.labels[:, 1:]
+            token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            flat_scores += (token_logprobs * (targets != -100)).sum(-1).tolist()
         scores, start = [], 0
         for candidates in answer_list:
             scores.append(flat_scores[start : start + len(candidates)])
             start += len(candidates)
         return scores
 
+    def _preselect(self, samples: dict, answers: Sequence[str], count: int, prompt: str | None) -> list[list[str]]:
+        """The `count` answers per sample whose first token is most likely after the prompt (one LLM pass)."""
+        first_tokens = [
+            ids[0] if ids else self.tokenizer.eos_token_id
+            for ids in self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False).input_ids
+        ]
+        output, _ = self._run_llm(samples, with_answer=False, compute_loss=False, prompt=prompt)
+        logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)[:, first_tokens]
+        top = logprobs.topk(min(count, len(answers)), dim=-1).indices.tolist()
+        return [[answers[i] for i in row] for row in top]
+
     @torch.no_grad()
     def predict_answers(
         self,
         samples: dict,
+        num_beams: int = 5,
         inference_method: str = "generate",
-        answer_list: Sequence[Sequence[str]] | None = None,
-        max_len: int = 1,
+        max_len: int = 10,
+        min_len: int = 1,
+        num_ans_candidates: int = 128,
+        answer_list: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        prompt: str | None = None,
+        length_penalty: float = 0.0,
         **kwargs: Any,
     ) -> list[str]:
-        """Answer each sample: `generate` decodes up to max_len greedy tokens after the answer cue; `rank` returns
-        the most likely candidate of each sample's list in `answer_list`, so it always gives a valid answer."""
+        """Answer each sample, as LAVIS's VQA tasks call it.
+
+        `generate` decodes up to max_len tokens (beam search, greedy for num_beams=1). `rank` returns the most
+        likely candidate, so it always gives a valid answer: `answer_list` is either one list for all samples
+        (VQA: the num_ans_candidates answers with the likeliest first token are scored in full; a space is put
+        before each) or one list per sample, scored in full as given. An empty `prompt` means the model's own.
+        """
         check_choice("inference_method", inference_method, ("generate", "rank"))
+        prompt = prompt or None
         if inference_method == "generate":
-            new_tokens, _ = self._run_llm(samples, with_answer=False, max_new_tokens=max_len, do_sample=False, num_beams=1)
-            return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if answer_list is None:
-            raise ValueError("inference_method='rank' needs answer_list (candidate answers per sample)")
-        scores = self.score_candidates(samples, answer_list)
-        return [candidates[max(range(len(row)), key=row.__getitem__)] for candidates, row in zip(answer_list, scores)]
+            return self.generate(
+                samples, num_beams=num_beams, max_length=max_len, min_length=min_len,
+                length_penalty=length_penalty, prompt=prompt,
+            )
+        if not answer_list:
+            raise ValueError("inference_method='rank' needs answer_list (candidate answers)")
+        if all(isinstance(answer, str) for answer in answer_list):
+            shortlists = self._preselect(samples, answer_list, num_ans_candidates, prompt)
+            prompts, cues, _ = self.sample_texts(samples, with_answer=False, prompt=prompt)
+            candidates = [[_answer_after(p + c, a) for a in row] for p, c, row in zip(prompts, cues, shortlists)]
+            scores = self.score_candidates(samples, candidates, prompt)
+        else:
+            shortlists = [list(candidates) for candidates in answer_list]
+            scores = self.score_candidates(samples, shortlists, prompt)
+        return [candidates[max(range(len(row)), key=row.__getitem__)] for candidates, row in zip(shortlists, scores)]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -596,6 +722,35 @@ def _add_to_output(output: Any, delta: torch.Tensor) -> Any:
     if isinstance(output, tuple):  # attention modules return (hidden_states, weights, ...)
         return (output[0] + delta.to(output[0].dtype),) + output[1:]
     return output + delta.to(output.dtype)
+
+
+def _batch_size(samples: dict) -> int:
+    for key in ("image", "text_input", "has_image"):
+        if samples.get(key) is not None:
+            return len(samples[key])
+    raise KeyError("samples hold neither `image` nor `text_input`")
+
+
+def _fill_prompt(template: str, question: str) -> str:
+    """A VQA prompt: `template` with `{}` replaced by the question, or the question appended."""
+    return template.format(question) if "{}" in template else template + question
+
+
+def _answer_after(context: str, answer: str) -> str:
+    """`answer` separated from `context` by exactly one space (none added when the context ends with one)."""
+    answer = answer.strip()
+    return answer if context[-1:].isspace() else " " + answer
+
+
+def _best_answers(samples: dict) -> list[str]:
+    """The highest-weighted answer of each question in LAVIS's flattened VQA batch (answer/weight/n_answers)."""
+    answers, weights = samples["answer"], torch.as_tensor(samples["weight"]).tolist()
+    best, start = [], 0
+    for count in torch.as_tensor(samples["n_answers"]).tolist():
+        span = range(start, start + count)
+        best.append(answers[max(span, key=lambda i: weights[i])])
+        start += count
+    return best
 
 
 def _per_sample(value: str | Sequence[str], count: int) -> list[str]:

@@ -91,7 +91,7 @@ class ScienceQAMCTask(BaseTask):
             candidates = [[answer_text(letter) for letter in letters] for letters in samples["choices"]]
             outputs = model.predict_answers(samples, inference_method="rank", answer_list=candidates)
         else:
-            outputs = model.predict_answers(samples, inference_method="generate", max_len=1)
+            outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=1)
         return [
             {
                 "question_id": samples["question_id"][row],

@@ -1,0 +1,417 @@
+"""ScienceQA- and VQAv2-format demo data built from the PyPI package `easy-vqa` (MIT licence).
+
+easy-VQA has 64x64 images of one coloured shape (3 shapes x 8 colours) and templated questions whose
+answers are a shape, a colour or yes/no (4,000 train / 1,000 test images, 13 answers). Image splits:
+easy-VQA's test images make our test split; its train images are divided by id (every 8th image to val) so
+that no image is shared between train, val and test.
+
+ScienceQA copy (`build_scienceqa_from_easyvqa`), one question per pid, in four kinds so that every Table I
+column is populated in every split:
+- image only (IMG): an easy-VQA question on its image;
+- image + neutral hint (IMG and TXT): the same, with a hint that does not give the answer away;
+- hint only (TXT): the question with no image, its hint describing the picture ("The shape in the picture
+  is a red circle."), so the answer follows from the text alone;
+- neither (NO): a general-knowledge question about shapes and colours from a small fixed bank.
+Choices are the right answer plus distractors of the same family (colours, shapes or yes/no).
+The subject follows the family (colours: natural science, shapes: social science, yes/no: language
+science): an arbitrary mapping that only serves to fill the NAT/SOC/LAN columns. Grades are drawn so that
+both G1-6 and G7-12 occur in every split.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from lavis_ademvl.assets._atomic import build_atomically
+
+PIP_HINT = "pip install easy-vqa==1.0"
+FORMAT_VERSION = 1
+
+COLOURS = ("red", "green", "blue", "gray", "teal", "black", "yellow", "brown")
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+FAMILIES = {"colour": COLOURS, "shape": SHAPES, "yes/no": YES_NO}
+SUBJECT = {"colour": "natural science", "shape": "social science", "yes/no": "language science"}
+CATEGORY = {"colour": "Colors", "shape": "Shapes", "yes/no": "Yes or no"}
+MAX_CHOICES = {"colour": 5, "shape": 3, "yes/no": 2}
+SPLITS = ("train", "val", "test")
+VAL_EVERY = 8  # easy-VQA train image ids divisible by this go to val
+# easy-VQA numbers train and test questions/images from 0 each; offsets make our ids unique and traceable.
+QUESTION_ID_OFFSET = {"train": 0, "test": 1_000_000}
+IMAGE_ID_OFFSET = {"train": 0, "test": 100_000}
+
+# Share of each question kind; hint-only questions are about a quarter, as asked of the demo.
+KIND_WEIGHTS = {"image": 0.45, "image+hint": 0.15, "hint": 0.25, "none": 0.15}
+FAMILY_WEIGHTS = {"colour": 0.35, "shape": 0.30, "yes/no": 0.35}
+
+HINTS = (
+    "The shape in the picture is a {colour} {shape}.",
+    "The picture shows a {colour} {shape}.",
+    "Someone drew a {colour} {shape} on a card.",
+    "There is one shape in the picture: a {colour} {shape}.",
+)
+NEUTRAL_HINTS = (
+    "Look closely at the picture.",
+    "Each picture shows exactly one shape.",
+    "Use the picture to answer the question.",
+    "The picture is small, only 64 pixels wide.",
+)
+# (question, answer, family): answerable without image or hint, for the NO column.
+GENERAL_KNOWLEDGE = (
+    ("What color is a ripe banana?", "yellow", "colour"),
+    ("What color is fresh grass?", "green", "colour"),
+    ("What color is a clear sky on a sunny day?", "blue", "colour"),
+    ("What color is a ripe strawberry?", "red", "colour"),
+    ("What color is coal?", "black", "colour"),
+    ("What color is milk chocolate?", "brown", "colour"),
+    ("Which color do you get by mixing black and white paint?", "gray", "colour"),
+    ("Which color is a mix of blue and green?", "teal", "colour"),
+    ("Which shape has exactly three sides?", "triangle", "shape"),
+    ("Which shape has no corners?", "circle", "shape"),
+    ("Which shape has four sides and four right angles?", "rectangle", "shape"),
+    ("What shape is a coin usually?", "circle", "shape"),
+    ("What shape is a door usually?", "rectangle", "shape"),
+    ("What shape is a slice of pizza usually?", "triangle", "shape"),
+    ("Does a triangle have three corners?", "yes", "yes/no"),
+    ("Does a circle have straight sides?", "no", "yes/no"),
+    ("Is a square a kind of rectangle?", "yes", "yes/no"),
+    ("Is fresh grass usually blue?", "no", "yes/no"),
+    ("Does a rectangle have four sides?", "yes", "yes/no"),
+    ("Is coal yellow?", "no", "yes/no"),
+    ("Do blue and yellow paint mix to make green?", "yes", "yes/no"),
+    ("Is a triangle round?", "no", "yes/no"),
+)
+
+
+@dataclass(frozen=True)
+class _Question:
+    """One easy-VQA question, with a question id and image id unique over train and test."""
+
+    question_id: int
+    question: str
+    answer: str
+    image_id: int
+    image_path: str
+    source_split: str
+
+    @property
+    def family(self) -> str:
+        return family_of(self.answer)
+
+
+def family_of(answer: str) -> str:
+    for family, answers in FAMILIES.items():
+        if answer in answers:
+            return family
+    raise ValueError(f"easy-VQA answer {answer!r} is not a known colour, shape or yes/no")
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ImportError(f"the demo data is built from the PyPI package `easy-vqa`: {PIP_HINT}") from None
+    return easy_vqa
+
+
+def _load_easy_vqa() -> tuple[dict[str, list[_Question]], dict[int, tuple[str, str]]]:
+    """easy-VQA questions by our split, and each image's (colour, shape).
+
+    Question and image ids from easy-VQA's test set are offset so that ids are unique across splits.
+    """
+    easy_vqa = _easy_vqa()
+    by_split: dict[str, list[_Question]] = {split: [] for split in SPLITS}
+    facts: dict[int, dict[str, set[str]]] = {}
+    sources = (
+        ("train", easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
+        ("test", easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()),
+    )
+    for source, (texts, answers, image_ids), paths in sources:
+        for index, (text, answer, image) in enumerate(zip(texts, answers, image_ids)):
+            image_id = IMAGE_ID_OFFSET[source] + int(image)
+            question = _Question(
+                question_id=QUESTION_ID_OFFSET[source] + index,
+                question=text,
+                answer=answer,
+                image_id=image_id,
+                image_path=paths[int(image)],
+                source_split=source,
+            )
+            split = "test" if source == "test" else ("val" if int(image) % VAL_EVERY == 0 else "train")
+            by_split[split].append(question)
+            _record_fact(facts.setdefault(image_id, {"present": set(), "absent": set()}), text, answer)
+    resolved = {image_id: _resolve_fact(fact) for image_id, fact in facts.items()}
+    missing = [image_id for image_id, fact in resolved.items() if len(fact) != 2]
+    if missing:
+        raise ValueError(f"cannot tell the colour and shape of easy-VQA images {missing[:5]}")
+    return by_split, {image_id: (fact["colour"], fact["shape"]) for image_id, fact in resolved.items()}
+
+
+def _record_fact(fact: dict[str, set[str]], text: str, answer: str) -> None:
+    """Collect what one question says about its image: words known present and known absent."""
+    words = set(re.findall(r"[a-z]+", text)) & (set(COLOURS) | set(SHAPES))
+    if answer in YES_NO:
+        # "is there (not|no) a red shape?": the named word is present iff (answer is yes) != negated.
+        negated = bool(set(re.findall(r"[a-z]+", text)) & {"not", "no"})
+        fact["present" if (answer == "yes") != negated else "absent"].update(words)
+    else:
+        # "what color is the triangle?" -> blue: the answer and the named colour/shape are both present.
+        fact["present"].update(words | {answer})
+
+
+def _resolve_fact(fact: dict[str, set[str]]) -> dict[str, str]:
+    """An image's colour and shape from its collected facts; a single candidate left by elimination counts."""
+    resolved = {}
+    for name, options in (("colour", COLOURS), ("shape", SHAPES)):
+        present = fact["present"] & set(options)
+        candidates = present or set(options) - fact["absent"]
+        if len(candidates) == 1:
+            resolved[name] = candidates.pop()
+    return resolved
+
+
+def _allocate(total: int, weights: dict[str, float], required: Iterable[str]) -> dict[str, int]:
+    """Split `total` by `weights` (largest remainder), giving each `required` key at least one."""
+    required = list(required)
+    counts = {key: 0 for key in weights}
+    for key in required:
+        counts[key] = 1
+    rest = total - len(required)
+    if rest < 0:
+        raise ValueError(f"need at least {len(required)} items, got {total}")
+    norm = sum(weights.values())
+    shares = {key: rest * weight / norm for key, weight in weights.items()}
+    for key, share in shares.items():
+        counts[key] += math.floor(share)
+    leftover = total - sum(counts.values())
+    for key in sorted(shares, key=lambda k: (math.floor(shares[k]) - shares[k], k))[:leftover]:
+        counts[key] += 1
+    return counts
+
+
+def _shuffled_slots(counts: dict[str, int], rng: random.Random) -> list[str]:
+    slots = [key for key, count in counts.items() for _ in range(count)]
+    rng.shuffle(slots)
+    return slots
+
+
+def _choices(answer: str, family: str, rng: random.Random) -> tuple[list[str], int]:
+    """2..MAX_CHOICES options of the answer's family, in random order; returns (choices, answer index)."""
+    options = FAMILIES[family]
+    count = rng.randint(2, MAX_CHOICES[family])
+    distractors = rng.sample([option for option in options if option != answer], count - 1)
+    choices = [answer, *distractors]
+    rng.shuffle(choices)
+    return choices, choices.index(answer)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _check_sizes(sizes: dict[str, int | None], minimum: int, allow_none: bool = False) -> None:
+    for split, size in sizes.items():
+        if size is None and allow_none:
+            continue
+        if not isinstance(size, int) or size < minimum:
+            raise ValueError(f"num_{split} must be an integer >= {minimum}, got {size!r}")
+
+
+def build_scienceqa_from_easyvqa(out_dir: Path, num_train: int, num_val: int, num_test: int, seed: int = 0) -> Path:
+    """Write a ScienceQA-layout multiple-choice set of easy-VQA questions under `out_dir`; return it.
+
+    Layout (as the official release): `problems.json` (pid -> question, choices, answer index, hint, image
+    file name or null, subject, grade, split, task, category, lecture, solution), `pid_splits.json`
+    (split -> pids) and `images/<split>/<pid>/image.png`. Each split needs at least 3 questions, so that
+    every Table I column (NAT, SOC, LAN, TXT, IMG, NO, G1-6, G7-12) is non-empty in it. Deterministic for a
+    given seed; returns at once if `out_dir` already holds the same build.
+    """
+    sizes = {"train": num_train, "val": num_val, "test": num_test}
+    _check_sizes(sizes, minimum=3)
+    params = {"asset": "scienceqa_easyvqa", "format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes}
+    return build_atomically(Path(out_dir), params, lambda tmp: _write_scienceqa(tmp, sizes, seed))
+
+
+def _write_scienceqa(out_dir: Path, sizes: dict[str, int], seed: int) -> None:
+    from tqdm import tqdm
+
+    questions, facts = _load_easy_vqa()
+    problems: dict[str, dict[str, Any]] = {}
+    pid_splits: dict[str, list[str]] = {}
+    next_pid = 1
+    for split in SPLITS:
+        rng = random.Random(f"scienceqa-easyvqa:{seed}:{split}")
+        # Questions with an image or a descriptive hint come from easy-VQA, without repeats in a split.
+        pools = {family: [] for family in FAMILIES}
+        for question in questions[split]:
+            pools[question.family].append(question)
+        for pool in pools.values():
+            rng.shuffle(pool)
+        kinds = _shuffled_slots(_allocate(sizes[split], KIND_WEIGHTS, ("image", "hint", "none")), rng)
+        families = _shuffled_slots(_allocate(sizes[split], FAMILY_WEIGHTS, FAMILIES), rng)
+        bands = _shuffled_slots(_allocate(sizes[split], {"1-6": 0.5, "7-12": 0.5}, ("1-6", "7-12")), rng)
+        pid_splits[split] = []
+        image_files: dict[str, str] = {}
+        for kind, family, band in zip(kinds, families, bands):
+            if kind == "none":
+                text, answer, family = rng.choice([item for item in GENERAL_KNOWLEDGE if item[2] == family])
+                source, hint = None, ""
+            else:
+                if not pools[family]:
+                    # This family ran out (large splits): take the family with the most questions left.
+                    family = max(pools, key=lambda f: len(pools[f]))
+                    if not pools[family]:
+                        raise ValueError(f"easy-VQA has too few {split} questions for num_{split}={sizes[split]}")
+                source = pools[family].pop()
+                text, answer = _sentence(source.question), source.answer
+                colour, shape = facts[source.image_id]
+                if kind == "hint":
+                    hint = rng.choice(HINTS).format(colour=colour, shape=shape)
+                elif kind == "image+hint":
+                    hint = rng.choice(NEUTRAL_HINTS)
+                else:
+                    hint = ""
+            low, high = (1, 6) if band == "1-6" else (7, 12)
+            choices, answer_index = _choices(answer, family, rng)
+            pid = str(next_pid)
+            next_pid += 1
+            has_image = kind in ("image", "image+hint")
+            problems[pid] = {
+                "question": text,
+                "choices": choices,
+                "answer": answer_index,
+                "hint": hint,
+                "image": "image.png" if has_image else None,
+                "task": "closed choice",
+                "grade": f"grade{rng.randint(low, high)}",
+                "subject": SUBJECT[family],
+                "topic": "shapes and colors",
+                "category": CATEGORY[family],
+                "skill": "easy-VQA",
+                "lecture": "",
+                "solution": "",
+                "split": split,
+            }
+            pid_splits[split].append(pid)
+            if has_image:
+                image_files[pid] = source.image_path
+        for pid, path in tqdm(image_files.items(), desc=f"ScienceQA {split} images", unit="img", leave=False):
+            folder = out_dir / "images" / split / pid
+            folder.mkdir(parents=True)
+            shutil.copyfile(path, folder / "image.png")
+    (out_dir / "problems.json").write_text(json.dumps(problems, indent=1) + "\n")
+    (out_dir / "pid_splits.json").write_text(json.dumps(pid_splits, indent=1) + "\n")
+
+
+def build_vqa_from_easyvqa(
+    out_dir: Path,
+    num_train: int | None = None,
+    num_val: int | None = None,
+    num_test: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write easy-VQA in LAVIS's `coco_vqa` (VQAv2) layout under `out_dir`; return it.
+
+    `None` takes every question of a split (train 33,7xx / val 4,8xx / test 9,673); otherwise a random
+    sample of that many questions. Files (paths relative to `out_dir`):
+
+    - `images/<split>/<image_id>.png`: the LAVIS `vis_root` is `out_dir/images`;
+    - `annotations/vqa_train.json`: [{question_id, question, answer: [10 answers], image, dataset: "vqa"}];
+    - `annotations/vqa_val_eval.json`, `annotations/vqa_test.json`: [{question_id, question, image,
+      answer: [10 answers], dataset}];
+    - `annotations/answer_list.json`: every answer (the candidates for rank inference);
+    - `annotations/v2_OpenEnded_easyvqa_<split>_questions.json` and `v2_easyvqa_<split>_annotations.json`
+      for val and test: the official VQAv2 question/annotation files that LAVIS's VQA evaluation reads.
+
+    A LAVIS val split is then `[vqa_val_eval.json, answer_list.json, <questions>, <annotations>]`.
+    """
+    sizes = {"train": num_train, "val": num_val, "test": num_test}
+    _check_sizes(sizes, minimum=1, allow_none=True)
+    params = {"asset": "vqa_easyvqa", "format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes}
+    return build_atomically(Path(out_dir), params, lambda tmp: _write_vqa(tmp, sizes, seed))
+
+
+def vqa_question_type(question: str) -> str:
+    """VQAv2-style question type: the question's opening words up to its subject."""
+    words = question.rstrip("?").split()
+    for index, word in enumerate(words):
+        if word in COLOURS or word in SHAPES or word == "shape":
+            return " ".join(words[:index]) or "none of the above"
+    return " ".join(words[:3])
+
+
+def _write_vqa(out_dir: Path, sizes: dict[str, int | None], seed: int) -> None:
+    from tqdm import tqdm
+
+    questions, _ = _load_easy_vqa()
+    annotations = out_dir / "annotations"
+    annotations.mkdir(parents=True)
+    for split in SPLITS:
+        rng = random.Random(f"vqa-easyvqa:{seed}:{split}")
+        chosen = list(questions[split])
+        if sizes[split] is not None:
+            if sizes[split] > len(chosen):
+                raise ValueError(f"num_{split}={sizes[split]} but easy-VQA has {len(chosen)} {split} questions")
+            chosen = sorted(rng.sample(chosen, sizes[split]), key=lambda q: q.question_id)
+        records = []
+        for question in chosen:
+            record = {
+                "question_id": question.question_id,
+                "question": question.question,
+                "answer": [question.answer] * 10,  # ten identical annotators: VQA accuracy is 0 or 1
+                "image": f"{split}/{question.image_id}.png",
+                "dataset": "vqa",
+            }
+            records.append(record)
+        name = {"train": "vqa_train.json", "val": "vqa_val_eval.json", "test": "vqa_test.json"}[split]
+        (annotations / name).write_text(json.dumps(records) + "\n")
+        if split != "train":
+            _write_official(annotations, split, chosen)
+        images = {question.image_id: question.image_path for question in chosen}
+        (out_dir / "images" / split).mkdir(parents=True)
+        for image_id, path in tqdm(sorted(images.items()), desc=f"VQA {split} images", unit="img", leave=False):
+            shutil.copyfile(path, out_dir / "images" / split / f"{image_id}.png")
+    answers = _easy_vqa().get_answers()
+    (annotations / "answer_list.json").write_text(json.dumps(answers) + "\n")
+
+
+def _write_official(annotations: Path, split: str, chosen: Sequence[_Question]) -> None:
+    """VQAv2's official question and annotation files, with the header fields `VQA.loadRes` copies."""
+    header = {
+        "info": {"description": f"easy-VQA {split} questions in VQAv2 format", "version": "1.0", "year": 2020},
+        "license": {"name": "MIT", "url": "https://github.com/vzhou842/easy-VQA/blob/master/LICENSE"},
+        "data_type": "easyvqa",
+        "data_subtype": split,
+    }
+    questions = {
+        **header,
+        "task_type": "Open-Ended",
+        "questions": [
+            {"image_id": q.image_id, "question": q.question, "question_id": q.question_id} for q in chosen
+        ],
+    }
+    annotation_file = {
+        **header,
+        "annotations": [
+            {
+                "question_id": q.question_id,
+                "image_id": q.image_id,
+                "question_type": vqa_question_type(q.question),
+                "answer_type": "yes/no" if q.answer in YES_NO else "other",
+                "multiple_choice_answer": q.answer,
+                "answers": [
+                    {"answer": q.answer, "answer_confidence": "yes", "answer_id": answer_id}
+                    for answer_id in range(1, 11)
+                ],
+            }
+            for q in chosen
+        ],
+    }
+    (annotations / f"v2_OpenEnded_easyvqa_{split}_questions.json").write_text(json.dumps(questions) + "\n")
+    (annotations / f"v2_easyvqa_{split}_annotations.json").write_text(json.dumps(annotation_file) + "\n")
