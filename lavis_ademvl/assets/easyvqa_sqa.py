@@ -26,7 +26,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from lavis_ademvl.assets._atomic import build_atomically
 
@@ -121,7 +121,7 @@ def _easy_vqa():
 
 
 def _load_easy_vqa() -> tuple[dict[str, list[_Question]], dict[int, tuple[str, str]]]:
-    """easy-VQA questions by our split, and each image's (colour, shape).
+    """easy-VQA questions by our split, and (colour, shape) of each image whose questions tell both.
 
     Question and image ids from easy-VQA's test set are offset so that ids are unique across splits.
     """
@@ -147,10 +147,9 @@ def _load_easy_vqa() -> tuple[dict[str, list[_Question]], dict[int, tuple[str, s
             by_split[split].append(question)
             _record_fact(facts.setdefault(image_id, {"present": set(), "absent": set()}), text, answer)
     resolved = {image_id: _resolve_fact(fact) for image_id, fact in facts.items()}
-    missing = [image_id for image_id, fact in resolved.items() if len(fact) != 2]
-    if missing:
-        raise ValueError(f"cannot tell the colour and shape of easy-VQA images {missing[:5]}")
-    return by_split, {image_id: (fact["colour"], fact["shape"]) for image_id, fact in resolved.items()}
+    # About 11% of images are asked only yes/no questions that leave their colour or shape open; they get
+    # no descriptive hint. (Where the pixels show a pure colour, it agrees with these facts for every image.)
+    return by_split, {image_id: (f["colour"], f["shape"]) for image_id, f in resolved.items() if len(f) == 2}
 
 
 def _record_fact(fact: dict[str, set[str]], text: str, answer: str) -> None:
@@ -199,6 +198,14 @@ def _shuffled_slots(counts: dict[str, int], rng: random.Random) -> list[str]:
     slots = [key for key, count in counts.items() for _ in range(count)]
     rng.shuffle(slots)
     return slots
+
+
+def _pop(pool: list[_Question], usable: Callable[[_Question], bool]) -> _Question | None:
+    """Remove and return the last usable question of `pool` (the pool is already shuffled)."""
+    for index in range(len(pool) - 1, -1, -1):
+        if usable(pool[index]):
+            return pool.pop(index)
+    return None
 
 
 def _choices(answer: str, family: str, rng: random.Random) -> tuple[list[str], int]:
@@ -263,15 +270,18 @@ def _write_scienceqa(out_dir: Path, sizes: dict[str, int], seed: int) -> None:
                 text, answer, family = rng.choice([item for item in GENERAL_KNOWLEDGE if item[2] == family])
                 source, hint = None, ""
             else:
-                if not pools[family]:
+                # A descriptive hint needs an image whose colour and shape are both known.
+                usable = (lambda q: q.image_id in facts) if kind == "hint" else (lambda q: True)
+                source = _pop(pools[family], usable)
+                if source is None:
                     # This family ran out (large splits): take the family with the most questions left.
                     family = max(pools, key=lambda f: len(pools[f]))
-                    if not pools[family]:
+                    source = _pop(pools[family], usable)
+                    if source is None:
                         raise ValueError(f"easy-VQA has too few {split} questions for num_{split}={sizes[split]}")
-                source = pools[family].pop()
                 text, answer = _sentence(source.question), source.answer
-                colour, shape = facts[source.image_id]
                 if kind == "hint":
+                    colour, shape = facts[source.image_id]
                     hint = rng.choice(HINTS).format(colour=colour, shape=shape)
                 elif kind == "image+hint":
                     hint = rng.choice(NEUTRAL_HINTS)
@@ -338,12 +348,13 @@ def build_vqa_from_easyvqa(
 
 
 def vqa_question_type(question: str) -> str:
-    """VQAv2-style question type: the question's opening words up to its subject."""
+    """VQAv2-style question type: the words before the first colour or shape name ("is there a",
+    "what color is the"), or the whole question when it names none ("what shape is in the image")."""
     words = question.rstrip("?").split()
     for index, word in enumerate(words):
-        if word in COLOURS or word in SHAPES or word == "shape":
-            return " ".join(words[:index]) or "none of the above"
-    return " ".join(words[:3])
+        if word in COLOURS or word in SHAPES:
+            return " ".join(words[:index])
+    return " ".join(words)
 
 
 def _write_vqa(out_dir: Path, sizes: dict[str, int | None], seed: int) -> None:

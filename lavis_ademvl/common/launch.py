@@ -13,6 +13,8 @@ from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
+from lavis_ademvl.common.config_files import materialize
+from lavis_ademvl.common.data_files import check_dataset_files
 from lavis_ademvl.common.dist import broadcast_from_main, init_distributed
 from lavis_ademvl.runners.runner_ademvl import seed_everything
 
@@ -30,6 +32,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
 
 def prepare(args: argparse.Namespace) -> tuple[Config, Any, dict, Any, str]:
     """Config, process group, seeds, logger, task, datasets and model, as LAVIS's train.py does."""
+    args.cfg_path = materialize(args.cfg_path)
     cfg = Config(args)
     run_cfg = cfg.run_cfg
     run_cfg.evaluate = bool(run_cfg.get("evaluate", False))
@@ -44,6 +47,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Any, dict, Any, str]:
     from lavis import tasks
 
     task = tasks.setup_task(cfg)
+    check_dataset_files(cfg.datasets_cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
     return cfg, task, datasets, model, job_id

@@ -112,6 +112,8 @@ class AdemVL(BaseModel):
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         "llama7b": str(CONFIG_DIR / "llama7b.yaml"),
+        "llama13b": str(CONFIG_DIR / "llama13b.yaml"),
+        "llama2_7b": str(CONFIG_DIR / "llama2_7b.yaml"),
         "tiny": str(CONFIG_DIR / "tiny.yaml"),
     }
 

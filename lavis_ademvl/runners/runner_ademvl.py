@@ -46,7 +46,7 @@ RUN_KEYS = frozenset(
         "dist_url", "distributed", "gpu", "rank", "dist_backend", "log_freq", "use_dist_eval_sampler",
         "max_len", "min_len", "num_beams", "num_ans_candidates", "inference_method", "prompt", "report_metric",
         # runner_ademvl
-        "warmup_epochs", "epochs_per_job",
+        "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files",
     }
 )
 LATEST_CHECKPOINT = "checkpoint_latest.pth"

@@ -1,3 +1,5 @@
+from lavis_ademvl.tasks.captioning import OfflineCaptionTask
 from lavis_ademvl.tasks.scienceqa import ScienceQAMCTask
+from lavis_ademvl.tasks.vqa import SubsetVQATask
 
-__all__ = ["ScienceQAMCTask"]
+__all__ = ["OfflineCaptionTask", "ScienceQAMCTask", "SubsetVQATask"]
