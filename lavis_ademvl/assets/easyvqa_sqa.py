@@ -363,12 +363,13 @@ def _write_vqa(out_dir: Path, sizes: dict[str, int | None], seed: int) -> None:
     questions, _ = _load_easy_vqa()
     annotations = out_dir / "annotations"
     annotations.mkdir(parents=True)
+    for split in SPLITS:  # check every size before writing anything
+        if sizes[split] is not None and sizes[split] > len(questions[split]):
+            raise ValueError(f"num_{split}={sizes[split]} but easy-VQA has {len(questions[split])} {split} questions")
     for split in SPLITS:
         rng = random.Random(f"vqa-easyvqa:{seed}:{split}")
         chosen = list(questions[split])
         if sizes[split] is not None:
-            if sizes[split] > len(chosen):
-                raise ValueError(f"num_{split}={sizes[split]} but easy-VQA has {len(chosen)} {split} questions")
             chosen = sorted(rng.sample(chosen, sizes[split]), key=lambda q: q.question_id)
         records = []
         for question in chosen:

@@ -117,7 +117,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         raise RuntimeError(f"rope_theta {saved.get('rope_theta')} saved instead of {rope_theta}")
 
 
-def _build_tokenizer(gguf_path: Path, meta: dict[str, Any]):
+def _build_tokenizer(gguf_path: Path, meta: dict[str, Any]) -> "PreTrainedTokenizerFast":
     """The GGUF tokenizer with SmolLM2's real special tokens (see the module docstring)."""
     from tokenizers import Tokenizer, decoders, processors
     from transformers import AutoTokenizer, GPT2TokenizerFast
