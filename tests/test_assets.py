@@ -19,8 +19,8 @@ from lavis_ademvl.assets import (
     read_marker,
 )
 from lavis_ademvl.assets import smollm2 as smollm2_module
-from lavis_ademvl.assets._atomic import build_atomically
 from lavis_ademvl.assets.__main__ import main as assets_main
+from lavis_ademvl.assets._atomic import build_atomically
 from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, SHAPES
 
 SPLITS = ("train", "val", "test")

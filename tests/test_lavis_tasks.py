@@ -205,3 +205,18 @@ def test_missing_local_files_are_named(tmp_path):
     config.coco_caption.build_info.images.storage = str(tmp_path / "no_images")
     with pytest.raises(FileNotFoundError, match="images.storage: image folder not found: .*no_images"):
         check_dataset_files(config)
+
+
+def test_config_includes_merge_and_drop_null_splits(tmp_path):
+    from lavis_ademvl.common.config_files import drop_null_splits, load_with_includes, materialize
+
+    merged = load_with_includes(REPO / "projects" / "ademvl" / "eval" / "vqav2.yaml")
+    assert merged.run.evaluate is True and merged.run.task == "ademvl_vqa"
+    assert merged.datasets.coco_vqa.build_info.annotations.train is None
+    drop_null_splits(merged.datasets)
+    assert set(merged.datasets.coco_vqa.build_info.annotations) == {"val", "test"}
+    assert OmegaConf.load(materialize(REPO / "projects" / "ademvl" / "eval" / "vqav2.yaml")).model.load_finetuned is True
+    (tmp_path / "a.yaml").write_text("includes: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("includes: [a.yaml]\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_with_includes(tmp_path / "a.yaml")

@@ -3,7 +3,7 @@
 Every asset is built in a sibling temporary folder, a JSON marker (`.complete`, holding the build
 parameters) is written into it last, and the folder is then renamed onto its final name. A rename within
 one file system is atomic, so a folder with a marker is always a finished build, and an interrupted build
-leaves only a `.<name>.partial-*` sibling that the next build removes.
+leaves only a `.<name>.partial-*` sibling, which a later build removes once its process has gone.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 MARKER = ".complete"
 

@@ -24,9 +24,10 @@ import math
 import random
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 from lavis_ademvl.assets._atomic import build_atomically
 

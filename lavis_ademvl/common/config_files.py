@@ -1,7 +1,9 @@
 """`includes:` for experiment yamls, so a variant states only what differs from its base config.
 
 A yaml may start with `includes: [base.yaml, ...]` (paths relative to the yaml); the bases are merged in order,
-then the yaml itself on top. LAVIS's Config then reads the merged file as usual.
+then the yaml itself on top. An annotation split set to null (`datasets.X.build_info.annotations.train: null`)
+is left out, e.g. so an evaluation config does not need the training files. LAVIS's Config then reads the merged
+file as usual.
 """
 from __future__ import annotations
 
@@ -23,6 +25,15 @@ def load_with_includes(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictCo
     for include in includes:
         merged = OmegaConf.merge(merged, load_with_includes(path.parent / include, _seen + (path,)))
     return OmegaConf.merge(merged, config)
+
+
+def drop_null_splits(datasets_cfg: DictConfig) -> None:
+    """Remove annotation splits set to null (after LAVIS merged its dataset defaults, which list every split)."""
+    for dataset in datasets_cfg.values():
+        annotations = (dataset.get("build_info") or {}).get("annotations")
+        if annotations is not None:
+            for split in [s for s, value in annotations.items() if value is None]:
+                del annotations[split]
 
 
 def materialize(path: str | Path) -> str:

@@ -13,7 +13,7 @@ from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
-from lavis_ademvl.common.config_files import materialize
+from lavis_ademvl.common.config_files import drop_null_splits, materialize
 from lavis_ademvl.common.data_files import check_dataset_files
 from lavis_ademvl.common.dist import broadcast_from_main, init_distributed
 from lavis_ademvl.runners.runner_ademvl import seed_everything
@@ -34,6 +34,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Any, dict, Any, str]:
     """Config, process group, seeds, logger, task, datasets and model, as LAVIS's train.py does."""
     args.cfg_path = materialize(args.cfg_path)
     cfg = Config(args)
+    drop_null_splits(cfg.datasets_cfg)
     run_cfg = cfg.run_cfg
     run_cfg.evaluate = bool(run_cfg.get("evaluate", False))
     init_distributed(run_cfg)

@@ -772,7 +772,10 @@ def _load_llm(name_or_path: str | None, config: DictConfig | dict | None, dtype:
     if config is not None:
         config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
         return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+    except OSError as error:
+        raise OSError(f"model.llm_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
 
 
 def _load_vision_tower(name_or_path: str | None, config: DictConfig | dict | None, dtype: torch.dtype) -> CLIPVisionModel:
@@ -781,4 +784,7 @@ def _load_vision_tower(name_or_path: str | None, config: DictConfig | dict | Non
     if config is not None:
         config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
         return CLIPVisionModel(CLIPVisionConfig(**config)).to(dtype)
-    return CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=dtype)
+    try:
+        return CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=dtype)
+    except OSError as error:
+        raise OSError(f"model.vision_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
