@@ -349,3 +349,21 @@ def test_cli_prepares_data_and_prints_paths(tmp_path, monkeypatch, capsys):
     assert len(load_sqa(Path(paths["scienceqa"]))[1]["test"]) == 4
     assert assets_main(["--cache-dir", str(tmp_path / "other"), "--what", "vqa", "--num-test", "100000"]) == 1
     assert "easy-VQA has 9673 test questions" in capsys.readouterr().err
+
+
+def test_random_clip_is_seeded_and_loadable(tmp_path):
+    import torch
+    from transformers import CLIPVisionModel
+
+    from lavis_ademvl.assets import build_random_clip
+
+    first = CLIPVisionModel.from_pretrained(build_random_clip(tmp_path / "a", seed=3))
+    second = CLIPVisionModel.from_pretrained(build_random_clip(tmp_path / "b", seed=3))
+    other = CLIPVisionModel.from_pretrained(build_random_clip(tmp_path / "c", seed=4))
+    weight = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(first.state_dict()[weight], second.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
+    assert first.config.image_size == 64 and first.config.patch_size == 8
+    marker = (tmp_path / "a" / ".complete").stat().st_mtime_ns
+    build_random_clip(tmp_path / "a", seed=3)
+    assert (tmp_path / "a" / ".complete").stat().st_mtime_ns == marker

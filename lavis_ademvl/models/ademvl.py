@@ -114,6 +114,7 @@ class AdemVL(BaseModel):
         "llama7b": str(CONFIG_DIR / "llama7b.yaml"),
         "llama13b": str(CONFIG_DIR / "llama13b.yaml"),
         "llama2_7b": str(CONFIG_DIR / "llama2_7b.yaml"),
+        "smollm2_135m": str(CONFIG_DIR / "smollm2_135m.yaml"),
         "tiny": str(CONFIG_DIR / "tiny.yaml"),
     }
 
@@ -205,8 +206,9 @@ class AdemVL(BaseModel):
         else:
             self.slot_length = 0
         if fusion in ("adem", "none"):
-            num_visual = sum(self.down_sample_num) if fusion == "adem" else 1
-            # E1 (key offset) and E2 (value offset); text-only `none` keeps one learned memory slot.
+            num_visual = sum(self.down_sample_num)
+            # E1 (key offset) and E2 (value offset). Text-only `none` keeps them, so it is ADEM-VL with the same
+            # learned memory and recipe but no visual input: the baseline that shows what vision adds.
             self.visual_key_offset = nn.Parameter(torch.randn(1, num_visual, d_llm) * 0.02)
             self.visual_value_offset = nn.Parameter(torch.zeros(1, num_visual, d_llm))
             self._memory: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -772,6 +774,7 @@ def _load_llm(name_or_path: str | None, config: DictConfig | dict | None, dtype:
     if config is not None:
         config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
         return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
+    name_or_path = os.path.expanduser(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
     except OSError as error:
@@ -784,6 +787,7 @@ def _load_vision_tower(name_or_path: str | None, config: DictConfig | dict | Non
     if config is not None:
         config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
         return CLIPVisionModel(CLIPVisionConfig(**config)).to(dtype)
+    name_or_path = os.path.expanduser(name_or_path)
     try:
         return CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=dtype)
     except OSError as error:

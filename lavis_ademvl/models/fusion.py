@@ -49,18 +49,25 @@ def drop_threshold_rank(num_visual: int, drop_ratio: float) -> int:
     return math.floor(drop_ratio * num_visual) + 1
 
 
-def adaptive_drop(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
-    """Zero, in each row of `scores` [..., Nv], every entry strictly below the row's k-th smallest value.
+def kept_mask(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+    """Boolean [..., Nv]: the entries of each row at or above the row's k-th smallest value, k = floor(gamma*Nv)+1.
 
-    k = floor(drop_ratio * Nv) + 1, so ties at the threshold are kept and drop_ratio = 0 keeps all.
-    A k-th-value selection replaces the paper's full sort: same threshold, less work.
+    Ties at the threshold are kept and drop_ratio = 0 keeps all. A k-th-value selection replaces the paper's full
+    sort: same threshold, less work.
     """
     if drop_ratio == 0.0:
-        return scores
+        return torch.ones_like(scores, dtype=torch.bool)
     k = drop_threshold_rank(scores.shape[-1], drop_ratio)
     # kthvalue has no bf16/fp16 CPU kernel on every build; the threshold is not differentiated anyway.
-    threshold = torch.kthvalue(scores.detach().float(), k, dim=-1, keepdim=True).values
-    return scores * (scores.float() >= threshold).to(scores.dtype)
+    detached = scores.detach().float()
+    return detached >= torch.kthvalue(detached, k, dim=-1, keepdim=True).values
+
+
+def adaptive_drop(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+    """Zero, in each row of `scores` [..., Nv], every entry strictly below the row's k-th smallest value."""
+    if drop_ratio == 0.0:
+        return scores
+    return scores * kept_mask(scores, drop_ratio).to(scores.dtype)
 
 
 def attend(

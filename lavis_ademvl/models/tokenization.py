@@ -1,6 +1,8 @@
 """Tokenizer loading, including a file-free byte-level tokenizer for randomly initialised test models."""
 from __future__ import annotations
 
+import os
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BYTE_LEVEL = "byte_level"
@@ -24,7 +26,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """`byte_level`, a hub name or a local folder; must be a fast tokenizer (offsets keep answers aligned)."""
     if name_or_path == BYTE_LEVEL:
         return byte_level_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(
             f"tokenizer {name_or_path!r} has no fast (Rust) version; ADEM-VL needs character offsets to "

@@ -1,0 +1,110 @@
+"""Drop maps (paper Fig. 3): which visual features the adaptive drop keeps, at each scale, beside the image.
+
+  python -m lavis_ademvl.visualize --cfg-path CONFIG [--checkpoint CKPT] --image x.png --question "..." \
+      [--layer all|N] --out maps.png
+
+For each decoder layer the text tokens' attention scores over the Nv visual features are thresholded as in
+training; a map cell shows the fraction of (text token, layer) pairs that keep that feature.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import lavis_ademvl  # noqa: F401  (registers processors)
+from lavis_ademvl.common.inference import load_for_inference, load_image
+from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.models.fusion import activate, kept_mask
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.visualize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg-path", required=True)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--question", default="", help="prompt text (default: the model's prompt)")
+    parser.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--options", nargs="+", default=[])
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def kept_masks(model: AdemVL, samples: dict) -> torch.Tensor:
+    """[layers, T, Nv] boolean: the visual features each text token keeps in each decoder layer (sample 0)."""
+    if model.fusion != "adem":
+        raise ValueError(f"drop maps need fusion='adem' (the config has fusion={model.fusion!r})")
+    masks: list[torch.Tensor] = []
+    module_name = "self_attn" if model.query_from == "attn_in" else "mlp"
+
+    def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        query = kwargs.get("hidden_states", args[0] if args else None)
+        keys, _ = model._memory
+        scores = torch.matmul(activate(query, model.activation), keys.transpose(-1, -2))
+        masks.append(kept_mask(scores, model.drop_ratio)[0])
+
+    layers = model._decoder_layers()
+    handles = [getattr(layer, module_name).register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+    try:
+        model.next_token_logprobs(samples)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(masks)
+
+
+def draw(image, masks: torch.Tensor, scales: list[int], layer: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = masks.float().mean(dim=(0, 1)) if layer == "all" else masks[int(layer)].float().mean(dim=0)
+    figure, axes = plt.subplots(1, 1 + len(scales), figsize=(3.2 * (1 + len(scales)), 3.2))
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    start = 0
+    for axis, size in zip(axes[1:], scales):
+        side = math.isqrt(size)
+        grid = kept[start : start + size].reshape(side, side).cpu().numpy()
+        start += size
+        shown = axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
+        axis.set_title(f"{side}x{side}: kept fraction")
+        figure.colorbar(shown, ax=axis, fraction=0.046)
+    for axis in axes:
+        axis.axis("off")
+    figure.suptitle(f"adaptive drop, layer {layer}")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        image = load_image(args.image)
+        model, processor, _ = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
+        if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < len(model._decoder_layers())):
+            raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{len(model._decoder_layers()) - 1}")
+        samples = {
+            "image": processor(image).unsqueeze(0).to(model.device),
+            "has_image": torch.ones(1, dtype=torch.long),
+            "text_input": [args.question or model.prompt],
+        }
+        masks = kept_masks(model, samples)
+        draw(image, masks, model.down_sample_num, args.layer, Path(args.out))
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

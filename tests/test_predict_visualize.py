@@ -1,0 +1,98 @@
+"""predict and visualize end to end on the tiny model, and their bad-input errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cli import TINY_SQA
+from PIL import Image
+
+from lavis_ademvl import predict, visualize
+from lavis_ademvl.common.inference import load_for_inference
+from lavis_ademvl.models.fusion import drop_threshold_rank
+
+DEBUG_CAPTION = TINY_SQA.parent / "coco_caption_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "square.png"
+    pixels = np.zeros((40, 40, 3), dtype=np.uint8)
+    pixels[10:30, 10:30] = (200, 30, 30)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint in the trainer's format, with moved weights so loading it matters."""
+    model, _, _ = load_for_inference(TINY_SQA, None)
+    with torch.no_grad():
+        model.visual_value_offset.normal_()
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_0.pth"
+    torch.save({"model": model.trainable_state_dict(), "epoch": 0}, path)
+    return path
+
+
+def test_predict_multiple_choice(image_file, checkpoint, capsys):
+    argv = ["--cfg-path", str(TINY_SQA), "--checkpoint", str(checkpoint), "--image", str(image_file),
+            "--question", "What colour is the square?", "--choices", "red", "green", "blue"]
+    assert predict.main(argv) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer in ("(A) red", "(B) green", "(C) blue") or answer.startswith("no option chosen")
+    assert predict.main(argv + ["--options", "run.inference_method=rank"]) == 0
+    assert capsys.readouterr().out.strip() in ("(A) red", "(B) green", "(C) blue")  # rank always picks one
+
+
+def test_predict_caption_and_question(image_file, capsys):
+    options = ["--options", "datasets.coco_caption.build_info.data_root=/unused"]
+    assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(image_file), *options]) == 0
+    assert isinstance(capsys.readouterr().out, str)
+    assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(image_file), "--question", "what?", *options]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image", "missing.png"], "image not found: missing.png"),
+        (["--image", "{bad}"], "cannot read image"),
+        (["--image", "{good}"], "give --question and --choices"),
+    ],
+)
+def test_predict_bad_inputs(image_file, tmp_path, capsys, extra, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    extra = [e.replace("{bad}", str(bad)).replace("{good}", str(image_file)) for e in extra]
+    assert predict.main(["--cfg-path", str(TINY_SQA), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_drop_maps(image_file, tmp_path):
+    model, processor, _ = load_for_inference(TINY_SQA, None)
+    samples = {"image": processor(Image.open(image_file).convert("RGB")).unsqueeze(0),
+               "has_image": torch.ones(1, dtype=torch.long), "text_input": ["Question: what colour?\n"]}
+    masks = visualize.kept_masks(model, samples)
+    num_visual = sum(model.down_sample_num)
+    assert masks.shape[0] == 2 and masks.shape[2] == num_visual
+    # Each text token keeps Nv - (k - 1) features, k = floor(gamma * Nv) + 1 (more only on exact ties).
+    expected = num_visual - (drop_threshold_rank(num_visual, model.drop_ratio) - 1)
+    assert (masks.sum(-1) >= expected).all()
+    assert (masks.sum(-1) == expected).float().mean() > 0.99
+    assert masks.float().mean().item() == pytest.approx(1 - model.drop_ratio, abs=0.01)
+
+    out = tmp_path / "maps" / "drop.png"
+    argv = ["--cfg-path", str(TINY_SQA), "--image", str(image_file), "--question", "what?", "--out", str(out)]
+    assert visualize.main(argv) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+    assert visualize.main(argv[:-2] + ["--layer", "1", "--out", str(tmp_path / "layer1.png")]) == 0
+    assert (tmp_path / "layer1.png").is_file()
+
+
+def test_drop_maps_bad_inputs(image_file, tmp_path, capsys):
+    base = ["--cfg-path", str(TINY_SQA), "--out", str(tmp_path / "x.png")]
+    assert visualize.main(base + ["--image", str(tmp_path / "none.png")]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert visualize.main(base + ["--image", str(image_file), "--layer", "7"]) == 2
+    assert "--layer '7'" in capsys.readouterr().err
+    assert visualize.main(base + ["--image", str(image_file), "--options", "model.fusion=prefix"]) == 2
+    assert "fusion='adem'" in capsys.readouterr().err
