@@ -1,12 +1,13 @@
 # make install: create $(VENV) (default .venv here) and install everything into it.
 # make test:    install if needed, then run the test suite offline.
+# make demo:    install if needed, then train and evaluate ADEM-VL and a text-only baseline offline on CPU.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lavis-ademvl-installed
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 install: $(STAMP)
 
@@ -22,6 +23,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore $(PY) -m lavis_ademvl.demo
 
 clean:
 	rm -rf output build *.egg-info

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.models.authors_checkpoint import convert_authors_state_dict, is_authors_checkpoint
 from lavis_ademvl.models.fusion import (
     ACTIVATIONS,
     POOLINGS,
@@ -229,10 +230,8 @@ class AdemVL(BaseModel):
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> "AdemVL":
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-        unknown = sorted(set(cfg.keys()) - MODEL_CONFIG_KEYS)
-        if unknown:
-            raise KeyError(f"unknown ademvl model config key(s) {unknown}; known keys: {sorted(MODEL_CONFIG_KEYS)}")
-        fusion = cfg.get("fusion", "adem")
+        options = model_options(cfg)  # validates every key first
+        fusion = options["fusion"]
         check_choice("fusion", fusion, FUSIONS)
         dtype_name = cfg.get("llm_dtype", "bfloat16")
         check_choice("llm_dtype", dtype_name, tuple(LLM_DTYPES))
@@ -248,31 +247,7 @@ class AdemVL(BaseModel):
         if fusion != "none":
             vision_tower = _load_vision_tower(cfg.get("vision_model"), cfg.get("vision_config"), dtype)
 
-        model = cls(
-            llm,
-            tokenizer,
-            vision_tower,
-            fusion=fusion,
-            activation=cfg.get("activation", "silu"),
-            query_from=cfg.get("query_from", "mlp_in"),
-            add_to=cfg.get("add_to", "mlp_out"),
-            down_sample_num=list(cfg.get("down_sample_num", [256, 64])),
-            pooling=cfg.get("pooling", "avg"),
-            with_cls=cfg.get("with_cls", True),
-            num_visual_input_tokens=cfg.get("num_visual_input_tokens", 0),
-            alpha=cfg.get("alpha", 0.1),
-            beta=cfg.get("beta", 0.01),
-            drop_ratio=cfg.get("drop_ratio", 0.1),
-            hidden_proj=cfg.get("hidden_proj", 128),
-            adapter_dim=cfg.get("adapter_dim", 12),
-            adapter_scale=cfg.get("adapter_scale", 0.1),
-            adapter_dropout=cfg.get("adapter_dropout", 0.1),
-            max_len=cfg.get("max_len", 512),
-            image_prompt=cfg.get("image_prompt", "Image: "),
-            no_image_prompt=cfg.get("no_image_prompt", "Image: N/A"),
-            prompt=cfg.get("prompt", ""),
-            llm_dtype=dtype,
-        )
+        model = cls(llm, tokenizer, vision_tower, **options, llm_dtype=dtype)
         if cfg.get("load_finetuned", False):
             finetuned = cfg.get("finetuned")
             if not finetuned:
@@ -299,11 +274,15 @@ class AdemVL(BaseModel):
         }
 
     def load_checkpoint(self, url_or_filename: str) -> None:
-        """Load a checkpoint of this project's trainable weights; any missing or unknown key is an error."""
+        """Load trainable weights written by this project or released by the authors (mapped, see
+        `authors_checkpoint`); any missing or unknown key is an error."""
         if not os.path.isfile(url_or_filename):
             raise FileNotFoundError(f"checkpoint file not found: {url_or_filename}")
         checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=True)
         state = checkpoint.get("model", checkpoint)
+        if is_authors_checkpoint(state):
+            num_used = len(self.vision_adapters) if self.vision_tower is not None else 0
+            state = convert_authors_state_dict(state, num_used)
         self.load_trainable_state(state, source=url_or_filename)
         logging.info("loaded ADEM-VL checkpoint %s", url_or_filename)
 
@@ -709,6 +688,35 @@ class AdemVL(BaseModel):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def model_options(cfg: DictConfig) -> dict[str, Any]:
+    """The fusion options of a model config (every key read explicitly, defaults of the paper); unknown keys
+    are an error. Module-loading keys (llm_model, vision_model, ...) are read by `AdemVL.from_config`."""
+    unknown = sorted(set(cfg.keys()) - MODEL_CONFIG_KEYS)
+    if unknown:
+        raise KeyError(f"unknown ademvl model config key(s) {unknown}; known keys: {sorted(MODEL_CONFIG_KEYS)}")
+    return {
+        "fusion": cfg.get("fusion", "adem"),
+        "activation": cfg.get("activation", "silu"),
+        "query_from": cfg.get("query_from", "mlp_in"),
+        "add_to": cfg.get("add_to", "mlp_out"),
+        "down_sample_num": list(cfg.get("down_sample_num", [256, 64])),
+        "pooling": cfg.get("pooling", "avg"),
+        "with_cls": cfg.get("with_cls", True),
+        "num_visual_input_tokens": cfg.get("num_visual_input_tokens", 0),
+        "alpha": cfg.get("alpha", 0.1),
+        "beta": cfg.get("beta", 0.01),
+        "drop_ratio": cfg.get("drop_ratio", 0.1),
+        "hidden_proj": cfg.get("hidden_proj", 128),
+        "adapter_dim": cfg.get("adapter_dim", 12),
+        "adapter_scale": cfg.get("adapter_scale", 0.1),
+        "adapter_dropout": cfg.get("adapter_dropout", 0.1),
+        "max_len": cfg.get("max_len", 512),
+        "image_prompt": cfg.get("image_prompt", "Image: "),
+        "no_image_prompt": cfg.get("no_image_prompt", "Image: N/A"),
+        "prompt": cfg.get("prompt", ""),
+    }
 
 
 def _adapter_hook(adapter: VisionAdapter):

@@ -1,0 +1,55 @@
+"""Reading the ADEM-VL authors' released checkpoints (`checkpoint_7B_{sqa,caption,instruction}.pth`).
+
+Their files hold {"model": state_dict} with, possibly behind a DDP `module.` prefix:
+  adapter_emb1, adapter_emb2                        [1, Nv, d]       -> visual_key_offset, visual_value_offset
+  adapter_proj.fc1.{weight,bias}, .fc2.*            W'               -> visual_proj.0.*, visual_proj.2.*
+  adapter_proj_cls.fc1.*, .fc2.*                    [cls] projection -> cls_proj.0.*, cls_proj.2.*
+  backbone.visual.transformer.resblocks.{i}.adapter_mlp.fc{1,2}.weight (OpenAI-CLIP block i = Hugging Face layer i)
+                                                                     -> vision_adapters.{i}.fc{1,2}.weight
+Their last CLIP block's adapter was saved but never used (its output is not read): it is skipped, and said so.
+Their images were normalised with ImageNet statistics: evaluate them with `normalize: imagenet`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+_PROJECTIONS = {"adapter_proj": "visual_proj", "adapter_proj_cls": "cls_proj"}
+_LINEAR_INDEX = {"fc1": "0", "fc2": "2"}
+_VISION_ADAPTER = re.compile(r"^backbone\.visual\.transformer\.resblocks\.(\d+)\.adapter_mlp\.(fc[12])\.weight$")
+_PROJECTION = re.compile(r"^(adapter_proj|adapter_proj_cls)\.(fc[12])\.(weight|bias)$")
+
+
+def is_authors_checkpoint(state: dict[str, torch.Tensor]) -> bool:
+    return any(key.removeprefix("module.") in ("adapter_emb1", "adapter_emb2") for key in state)
+
+
+def convert_authors_state_dict(state: dict[str, torch.Tensor], num_used_vision_layers: int) -> dict[str, torch.Tensor]:
+    """Their keys -> ours. A key that maps to nothing is an error (unless it is the unused last-block adapter)."""
+    converted, unmapped, skipped = {}, [], []
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if name == "adapter_emb1":
+            converted["visual_key_offset"] = value
+        elif name == "adapter_emb2":
+            converted["visual_value_offset"] = value
+        elif match := _PROJECTION.match(name):
+            module, linear, kind = match.groups()
+            converted[f"{_PROJECTIONS[module]}.{_LINEAR_INDEX[linear]}.{kind}"] = value
+        elif match := _VISION_ADAPTER.match(name):
+            block, linear = int(match.group(1)), match.group(2)
+            if block < num_used_vision_layers:
+                converted[f"vision_adapters.{block}.{linear}.weight"] = value
+            elif block == num_used_vision_layers:
+                skipped.append(key)
+            else:
+                unmapped.append(key)
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise KeyError(f"{len(unmapped)} keys of the authors' checkpoint map to nothing in this model: {unmapped[:8]}")
+    if skipped:
+        logging.info("skipped the authors' adapter of the last CLIP block, which their model never used: %s", skipped)
+    return converted
