@@ -48,6 +48,7 @@ FUSIONS = ("adem", "prefix", "none")
 # Where, inside a decoder layer, the query is read and the fused feature is added (paper Table VII).
 QUERY_POINTS = ("attn_in", "mlp_in")
 ADD_POINTS = ("attn_out", "mlp_out")
+QUANTIZATIONS = (None, "8bit", "4bit")
 LLM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The fused feature can only be added at or after the point its query is read.
 _POINT_ORDER = {"attn_in": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3}
@@ -60,6 +61,7 @@ MODEL_CONFIG_KEYS = frozenset(
         "fusion", "activation", "query_from", "add_to", "down_sample_num", "pooling", "with_cls",
         "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj", "adapter_dim",
         "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt", "prompt",
+        "llm_gradient_checkpointing", "llm_quantization",
     }
 )
 
@@ -144,6 +146,7 @@ class AdemVL(BaseModel):
         image_prompt: str = "Image: ",
         no_image_prompt: str = "Image: N/A",
         prompt: str = "",
+        llm_gradient_checkpointing: bool = False,
         llm_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -178,6 +181,10 @@ class AdemVL(BaseModel):
             vision_tower = None  # text only: the tower would be dead weight
         self.llm = llm
         self.llm.requires_grad_(False)
+        self.llm_gradient_checkpointing = bool(llm_gradient_checkpointing)
+        if self.llm_gradient_checkpointing:
+            # Non-reentrant: the recomputed layers run our hooks again and reach the visual memory of the step.
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         d_llm = llm.get_input_embeddings().embedding_dim
         self.vision_tower = vision_tower
         if vision_tower is not None:
@@ -238,7 +245,9 @@ class AdemVL(BaseModel):
         # Half precision only where it is fast and supported; CPU runs stay in float32.
         dtype = LLM_DTYPES[dtype_name] if torch.cuda.is_available() else torch.float32
 
-        llm = _load_llm(cfg.get("llm_model"), cfg.get("llm_config"), dtype)
+        quantization = cfg.get("llm_quantization")
+        check_choice("llm_quantization", quantization, QUANTIZATIONS)
+        llm = _load_llm(cfg.get("llm_model"), cfg.get("llm_config"), dtype, quantization)
         tokenizer_name = cfg.get("tokenizer") or cfg.get("llm_model")
         if tokenizer_name is None:
             raise KeyError("model config needs `tokenizer` when the LLM comes from `llm_config`")
@@ -359,7 +368,10 @@ class AdemVL(BaseModel):
         try:
             yield
         finally:
-            self._memory = None
+            # With gradient checkpointing, backward recomputes the layers (and runs the hooks) after this
+            # context has closed, so the memory stays until the next forward replaces it.
+            if not (self.llm_gradient_checkpointing and self.training):
+                self._memory = None
             self._pending_queries.clear()
 
     # ------------------------------------------------------------------ visual side
@@ -716,6 +728,7 @@ def model_options(cfg: DictConfig) -> dict[str, Any]:
         "image_prompt": cfg.get("image_prompt", "Image: "),
         "no_image_prompt": cfg.get("no_image_prompt", "Image: N/A"),
         "prompt": cfg.get("prompt", ""),
+        "llm_gradient_checkpointing": cfg.get("llm_gradient_checkpointing", False),
     }
 
 
@@ -776,9 +789,34 @@ def _has_image(samples: dict, count: int) -> torch.Tensor:
     return torch.as_tensor(has_image).long().cpu()
 
 
-def _load_llm(name_or_path: str | None, config: DictConfig | dict | None, dtype: torch.dtype) -> PreTrainedModel:
+def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    """bitsandbytes 8-bit or 4-bit (NF4) loading of the frozen LLM; CUDA only."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"llm_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU leave it null")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"llm_quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _load_llm(
+    name_or_path: str | None, config: DictConfig | dict | None, dtype: torch.dtype, quantization: str | None = None
+) -> PreTrainedModel:
     if (name_or_path is None) == (config is None):
         raise KeyError("give exactly one of `llm_model` (hub name or local folder) and `llm_config` (random init)")
+    if quantization is not None:
+        if config is not None:
+            raise ValueError("llm_quantization needs pretrained weights (llm_model), not a random llm_config")
+        quantization_config = _quantization_config(quantization, dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name_or_path), torch_dtype=dtype, quantization_config=quantization_config,
+            device_map={"": torch.cuda.current_device()},
+        )
     if config is not None:
         config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
         return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)

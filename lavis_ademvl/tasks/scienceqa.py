@@ -12,11 +12,11 @@ from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.datasets.datasets.scienceqa_datasets import answer_text
 from lavis_ademvl.models.fusion import check_choice
 
 INFERENCE_METHODS = ("generate", "rank")
 TABLE_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+MAX_TEXT_ANSWER_TOKENS = 16
 SUBJECT_COLUMNS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 
 
@@ -24,6 +24,17 @@ def first_capital_letter(text: str) -> str:
     """The prediction read from generated text: its first capital letter, or "" (counted wrong)."""
     match = re.search(r"[A-Z]", text)
     return match.group(0) if match else ""
+
+
+def matching_option(text: str, letters: list[str], options: list[str]) -> str:
+    """The letter of the option a generated text answer names: an exact match, else the longest option the text
+    starts with; "" (counted wrong) when it names none."""
+    answer = text.strip().rstrip(".").strip().lower()
+    exact = [letter for letter, option in zip(letters, options) if option.lower() == answer]
+    if exact:
+        return exact[0]
+    prefixes = sorted((len(o), l) for l, o in zip(letters, options) if o and answer.startswith(o.lower()))
+    return prefixes[-1][1] if prefixes else ""
 
 
 def _grade_number(grade: str) -> int | None:
@@ -87,16 +98,23 @@ class ScienceQAMCTask(BaseTask):
         return cls(inference_method=cfg.run_cfg.get("inference_method", "generate"))
 
     def valid_step(self, model: Any, samples: dict) -> list[dict]:
+        letter_format = samples["answer_format"][0] == "letter"
         if self.inference_method == "rank":
-            candidates = [[answer_text(letter) for letter in letters] for letters in samples["choices"]]
-            outputs = model.predict_answers(samples, inference_method="rank", answer_list=candidates)
-        else:
+            outputs = model.predict_answers(samples, inference_method="rank", answer_list=samples["candidates"])
+            predictions = [letters[candidates.index(output)] for letters, candidates, output
+                           in zip(samples["choices"], samples["candidates"], outputs)]
+        elif letter_format:
             outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=1)
+            predictions = [first_capital_letter(output) for output in outputs]
+        else:
+            outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=MAX_TEXT_ANSWER_TOKENS)
+            predictions = [matching_option(output, letters, options) for output, letters, options
+                           in zip(outputs, samples["choices"], samples["options"])]
         return [
             {
                 "question_id": samples["question_id"][row],
                 "output": output,
-                "prediction": first_capital_letter(output),
+                "prediction": predictions[row],
                 "answer": samples["answer"][row],
                 "subject": samples["subject"][row],
                 "grade": samples["grade"][row],

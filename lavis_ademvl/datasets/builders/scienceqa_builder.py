@@ -9,11 +9,11 @@ from pathlib import Path
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.datasets.datasets.scienceqa_datasets import PROMPT_FORMATS, ScienceQADataset
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import ANSWER_FORMATS, PROMPT_FORMATS, ScienceQADataset
 from lavis_ademvl.models.fusion import check_choice
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "scienceqa_mc"
-DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "prompt_format", "type"}
+DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "prompt_format", "answer_format", "type"}
 BUILD_INFO_KEYS = {"data_root", "splits", "use_caption"}
 IMAGE_FOLDERS = ("train", "val", "test")
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
@@ -53,6 +53,8 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
             raise KeyError(f"unknown scienceqa_mc config key(s) {unknown}")
         prompt_format = self.config.get("prompt_format", "QCM-A")
         check_choice("datasets.scienceqa_mc.prompt_format", prompt_format, PROMPT_FORMATS)
+        answer_format = self.config.get("answer_format", "letter")
+        check_choice("datasets.scienceqa_mc.answer_format", answer_format, ANSWER_FORMATS)
         if not build_info.get("data_root"):
             raise ValueError(
                 "datasets.scienceqa_mc.build_info.data_root is not set; point it at the folder holding "
@@ -88,6 +90,7 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
                 text_processor=self.text_processors["train" if is_train else "eval"],
                 prompt_format=prompt_format,
                 captions=captions,
+                answer_format=answer_format,
             )
             logging.info("ScienceQA %s (%s): %d questions", split, source_split, len(pids))
         return datasets

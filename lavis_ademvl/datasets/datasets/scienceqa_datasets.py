@@ -17,6 +17,8 @@ from torch.utils.data import Dataset
 from lavis_ademvl.models.fusion import check_choice
 
 PROMPT_FORMATS = ("QCM-A", "CQM-A")
+# What follows ANSWER_CUE: the option letter (the paper's protocol) or the option's text.
+ANSWER_FORMATS = ("letter", "text")
 ANSWER_CUE = "Answer: The answer is"
 OPTION_LETTERS = string.ascii_uppercase
 
@@ -25,9 +27,9 @@ def option_letters(num_choices: int) -> list[str]:
     return list(OPTION_LETTERS[:num_choices])
 
 
-def answer_text(letter: str) -> str:
-    """The training target after ANSWER_CUE; rank inference scores these same strings."""
-    return f" {letter}."
+def answer_text(answer: str) -> str:
+    """The training target after ANSWER_CUE (a letter or an option's text); rank inference scores these strings."""
+    return f" {answer}."
 
 
 def build_prompt(problem: dict, prompt_format: str, caption: str = "", clean: Callable[[str], str] = str.strip) -> str:
@@ -54,8 +56,11 @@ class ScienceQADataset(Dataset):
         prompt_format: str = "QCM-A",
         captions: dict[str, str] | None = None,
         placeholder_size: int = 224,
+        answer_format: str = "letter",
     ) -> None:
         check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
+        check_choice("answer_format", answer_format, ANSWER_FORMATS)
+        self.answer_format = answer_format
         self.problems = problems
         self.pids = pids
         self.image_paths = image_paths
@@ -83,13 +88,18 @@ class ScienceQADataset(Dataset):
         image = self._load_image(pid) if has_image else self.placeholder
         letters = option_letters(len(problem["choices"]))
         answer = letters[int(problem["answer"])]
+        options = [self.text_processor(str(choice)) for choice in problem["choices"]]
+        candidates = [answer_text(c) for c in (letters if self.answer_format == "letter" else options)]
         return {
             "image": self.vis_processor(image),
             "has_image": int(has_image),
             "text_input": build_prompt(problem, self.prompt_format, self.captions.get(pid, ""), self.text_processor),
             "answer_cue": ANSWER_CUE,
-            "text_output": answer_text(answer),
+            "text_output": candidates[int(problem["answer"])],
             "choices": letters,
+            "options": options,
+            "candidates": candidates,
+            "answer_format": self.answer_format,
             "answer": answer,
             "question_id": pid,
             "subject": problem.get("subject", ""),

@@ -1,0 +1,39 @@
+"""Gradient checkpointing of the LLM gives the same loss and gradients; quantization is refused on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_model import make_batch
+
+
+@pytest.mark.parametrize("placement", [{}, {"query_from": "attn_in", "add_to": "mlp_out"}])
+def test_checkpointing_matches_plain_backward(placement):
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(llm_gradient_checkpointing=checkpointing, adapter_dropout=0.0, **placement)
+        model.train()
+        with torch.no_grad():
+            for adapter in model.vision_adapters:
+                adapter.fc2.weight.normal_(0, 0.1)
+        loss = model(make_batch())["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert model.llm.is_gradient_checkpointing == checkpointing
+    (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error path")
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantization_needs_cuda(quantization, tmp_path):
+    with pytest.raises(RuntimeError, match=f"llm_quantization='{quantization}' needs a CUDA GPU"):
+        tiny_model(llm_model=str(tmp_path), llm_config=None, tokenizer="byte_level", llm_quantization=quantization)
+
+
+def test_unknown_quantization_is_named():
+    with pytest.raises(ValueError, match="llm_quantization='3bit'"):
+        tiny_model(llm_quantization="3bit")
