@@ -7,13 +7,13 @@ through LAVIS, and prints both in a Table-I-style accuracy table. A finished run
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from lavis_ademvl.assets.__main__ import main as prepare_assets
+from lavis_ademvl.common.results import finished_test_metrics
 from lavis_ademvl.tasks.scienceqa import format_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,16 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def finished_metrics(run_dir: Path) -> dict | None:
-    """The test metrics of the newest finished job under run_dir, or None."""
-    for job in sorted(run_dir.glob("*/evaluate.txt"), reverse=True):
-        records = [json.loads(line) for line in job.read_text().splitlines() if line.strip()]
-        tests = [r for r in records if r.get("split") == "test"]
-        if tests:
-            return tests[-1]
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -57,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, fusion in RUNS.items():
         run_dir = args.output_dir / fusion
-        metrics = None if args.force else finished_metrics(run_dir)
+        metrics = None if args.force else finished_test_metrics(run_dir)
         if metrics is None:
             print(f"\n=== training and evaluating {name} ===", flush=True)
             command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(args.cfg_path), "--options",
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             if subprocess.run(command).returncode != 0:
                 print(f"error: the {name} run failed (command: {' '.join(command)})", file=sys.stderr)
                 return 1
-            metrics = finished_metrics(run_dir)
+            metrics = finished_test_metrics(run_dir)
         else:
             print(f"reusing the finished {name} run in {run_dir} (--force retrains)")
         results[name] = metrics
