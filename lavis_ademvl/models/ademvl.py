@@ -34,10 +34,10 @@ from lavis_ademvl.models.fusion import (
     ACTIVATIONS,
     POOLINGS,
     activate,
-    attend,
     check_choice,
     check_drop_ratio,
     check_scales,
+    fused_attend,
     multiscale_pool,
 )
 from lavis_ademvl.models.tokenization import load_tokenizer
@@ -347,7 +347,7 @@ class AdemVL(BaseModel):
             keys, values = self._memory
             if query.shape[0] != keys.shape[0]:
                 raise RuntimeError(f"visual memory holds {keys.shape[0]} rows but the decoder runs {query.shape[0]}")
-            fused = attend(activate(query, self.activation), keys, values, self.drop_ratio)
+            fused = fused_attend(query, keys, values, self.drop_ratio, self.activation)
             return _add_to_output(output, self.alpha * fused)
 
         return hook

@@ -147,3 +147,52 @@ def multiscale_pool(patches: torch.Tensor, down_sample_num: Sequence[int], pooli
         pooled = image if side == grid else pool(image, side)
         scales.append(pooled.flatten(2).transpose(1, 2))
     return torch.cat(scales, dim=1)
+
+
+class _FusedAttend(torch.autograd.Function):
+    """`attend` with a leaner backward record: it keeps the query, keys, values and a 1-byte drop mask, and
+    recomputes act(query) and the scores in backward, instead of autograd keeping act(query), the float mask
+    and the dropped scores ([B, T, d] + 2 x [B, T, Nv] floats per decoder layer)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, query, activated_keys, values, drop_ratio, activation):  # type: ignore[override]
+        with torch.no_grad():
+            scores = torch.matmul(activate(query, activation), activated_keys.transpose(-1, -2))
+            mask = kept_mask(scores, drop_ratio) if drop_ratio > 0 else None
+            if mask is not None:
+                scores.masked_fill_(~mask, 0)
+            out = torch.matmul(scores, values)
+        ctx.activation, ctx.has_mask = activation, mask is not None
+        ctx.save_for_backward(query, activated_keys, values, *([mask] if mask is not None else []))
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):  # type: ignore[override]
+        query, keys, values, *mask = ctx.saved_tensors
+        needs_query, needs_keys, needs_values = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            leaf = query.detach().requires_grad_(needs_query)
+            activated = activate(leaf, ctx.activation)
+        grad_query = grad_keys = grad_values = None
+        scores = torch.matmul(activated.detach(), keys.transpose(-1, -2))
+        if ctx.has_mask:
+            scores.masked_fill_(~mask[0], 0)
+        if needs_values:
+            grad_values = torch.matmul(scores.transpose(-1, -2), grad_out)
+        grad_scores = torch.matmul(grad_out, values.transpose(-1, -2))
+        if ctx.has_mask:
+            grad_scores.masked_fill_(~mask[0], 0)
+        if needs_keys:
+            grad_keys = torch.matmul(grad_scores.transpose(-1, -2), activated.detach())
+        if needs_query:
+            (grad_query,) = torch.autograd.grad(activated, leaf, torch.matmul(grad_scores, keys))
+        return grad_query, grad_keys, grad_values, None, None
+
+
+def fused_attend(
+    query: torch.Tensor, activated_keys: torch.Tensor, values: torch.Tensor, drop_ratio: float, activation: str
+) -> torch.Tensor:
+    """drop(act(query) @ activated_keys^T) @ values: `attend(activate(query), ...)` with less activation memory."""
+    return _FusedAttend.apply(query, activated_keys, values, drop_ratio, activation)

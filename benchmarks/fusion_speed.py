@@ -1,0 +1,252 @@
+"""Cost of ADEM-VL's fusion next to the bare LLM and LLaVA-style input fusion, measured side by side in one process.
+
+  python -m benchmarks.fusion_speed [--shape smollm2|llama7b|tiny] [--repeats 5] [--out benchmarks/results]
+
+Variants share one frozen LLM (random weights of the shape): `llm` (no fusion at all: forward, and backward to the
+input embeddings; the physical limit), `none` (ADEM-VL's learned memory without vision), `adem`, and `prefix`
+(every CLIP token projected and prepended, 257 at ViT-L/14 shape). Steps are timed interleaved after a warm-up:
+a training step (forward + backward to the trainable parameters) and greedy generation of 32 tokens with the KV
+cache. Memory is the bytes autograd saves for backward in one training step (CPU) or the peak allocation (CUDA).
+Writes JSON and a markdown table; nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.models.tokenization import byte_level_tokenizer
+
+
+@dataclass
+class Shape:
+    name: str
+    llm: dict
+    vision: dict
+    batch: int
+    text_tokens: int
+    down_sample_num: list
+    dtype: torch.dtype
+
+
+SHAPES = {
+    # SmolLM2-135M: d 576, 30 layers, 9 heads / 3 KV heads; a small 16 x 16-patch tower gives Nv = 256 + 64.
+    "smollm2": Shape("smollm2", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                     num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
+                     dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=64, patch_size=4), 4, 128, [256, 64], torch.float32),
+    # LLaMA-7B + ViT-L/14 at 224 px, bf16 (GPU).
+    "llama7b": Shape("llama7b", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                     vocab_size=32000),
+                     dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=224, patch_size=14), 4, 256, [256, 64], torch.bfloat16),
+    # For a smoke run of the script itself.
+    "tiny": Shape("tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=259),
+                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=2),
+                  2, 32, [256, 64], torch.float32),
+}
+
+
+def build_variants(shape: Shape, device: torch.device) -> tuple[LlamaForCausalLM, dict[str, AdemVL]]:
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(**shape.llm, pad_token_id=256, bos_token_id=257, eos_token_id=258)).to(device, shape.dtype)
+    tokenizer = byte_level_tokenizer()
+    variants = {}
+    for fusion in ("none", "adem", "prefix"):
+        # One tower per variant: a tower's adapters are attached to it for good.
+        tower = CLIPVisionModel(CLIPVisionConfig(**shape.vision)).to(device, shape.dtype) if fusion != "none" else None
+        model = AdemVL(llm, tokenizer, tower, fusion=fusion, down_sample_num=shape.down_sample_num, llm_dtype=shape.dtype)
+        variants[fusion] = model.to(device).train()
+    return llm, variants
+
+
+def make_batch(shape: Shape, device: torch.device) -> dict:
+    # Byte-level text: text_tokens bytes of prompt and an 8-byte answer.
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 64)[: shape.text_tokens - 8]
+    return {
+        "image": torch.randn(shape.batch, 3, shape.vision["image_size"], shape.vision["image_size"], device=device),
+        "has_image": torch.ones(shape.batch, dtype=torch.long),
+        "text_input": [prompt] * shape.batch,
+        "text_output": [" answer."] * shape.batch,
+    }
+
+
+def llm_step(llm: LlamaForCausalLM, variant: AdemVL, batch: dict) -> Callable[[], None]:
+    """The limit: the same tokens through the bare LLM, backward to the input embeddings."""
+    encoded = variant.encode_batch(batch, with_answer=True)
+
+    def step() -> None:
+        embeds = llm.get_input_embeddings()(encoded.input_ids).detach().requires_grad_(True)
+        with variant._autocast():
+            loss = llm(inputs_embeds=embeds, attention_mask=encoded.attention_mask, position_ids=encoded.position_ids,
+                       labels=encoded.labels, use_cache=False).loss
+        loss.backward()
+
+    return step
+
+
+def train_step(model: AdemVL, batch: dict) -> Callable[[], None]:
+    def step() -> None:
+        model(batch)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_bytes(step: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd saves for backward during one step (activation memory)."""
+    total, seen = 0, set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in seen and tensor.device.type != "meta":
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return total
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_cuda_bytes(step: Callable[[], None]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def analytic_flops(shape: Shape, fusion: str, context: int, num_patches: int) -> float:
+    """Forward FLOPs (2 per multiply-add) to read `context` text tokens and produce one new token."""
+    d, layers, inter = shape.llm["hidden_size"], shape.llm["num_hidden_layers"], shape.llm["intermediate_size"]
+    heads, kv_heads = shape.llm["num_attention_heads"], shape.llm.get("num_key_value_heads", shape.llm["num_attention_heads"])
+    vocab = shape.llm["vocab_size"]
+    tokens = context + (num_patches + 1 if fusion == "prefix" else 0) + (1 if fusion == "adem" else 0)
+    projections = 2 * d * (d + 2 * d * kv_heads // heads + d) + 2 * 3 * d * inter
+    attention = 2 * 2 * d * tokens  # scores and weighted sum against all previous tokens (average position ~ tokens / 2, x2 causal)
+    per_token = layers * (projections + attention / 2) + 2 * d * vocab
+    flops = tokens * per_token
+    if fusion == "adem":
+        flops += layers * tokens * 2 * 2 * sum(shape.down_sample_num) * d
+    if fusion != "none":
+        width, vision_layers = shape.vision["hidden_size"], shape.vision["num_hidden_layers"]
+        vision_tokens = num_patches + 1
+        flops += (vision_layers - 1) * vision_tokens * (2 * 4 * width * width + 2 * 2 * width * shape.vision["intermediate_size"]
+                                                         + 2 * 2 * vision_tokens * width)
+    return float(flops)
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples), "repeats": len(samples)}
+
+
+def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) -> dict:
+    shape = SHAPES[shape_name]
+    llm, variants = build_variants(shape, device)
+    batch = make_batch(shape, device)
+    steps = {"llm": llm_step(llm, variants["adem"], batch), **{name: train_step(m, batch) for name, m in variants.items()}}
+
+    def generate(model: AdemVL) -> Callable[[], None]:
+        samples = {key: value for key, value in batch.items() if key != "text_output"}
+
+        def step() -> None:
+            model.eval()
+            model.generate(samples, num_beams=1, max_length=new_tokens, min_length=new_tokens)
+            model.train()
+
+        return step
+
+    generations = {name: generate(m) for name, m in variants.items()}
+    for step in [*steps.values(), *generations.values()]:  # warm-up
+        step()
+    train_times = {name: [] for name in steps}
+    generate_times = {name: [] for name in generations}
+    for _ in range(repeats):  # interleaved, so drift hits every variant alike
+        for name, step in steps.items():
+            train_times[name].append(timed(step, device))
+        for name, step in generations.items():
+            generate_times[name].append(timed(step, device))
+    memory = {name: (peak_cuda_bytes(step) if device.type == "cuda" else saved_bytes(step)) for name, step in steps.items()}
+    num_patches = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
+    result = {
+        "shape": shape.name, "device": str(device), "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(), "batch": shape.batch, "text_tokens": shape.text_tokens,
+        "visual_tokens_adem": sum(shape.down_sample_num), "visual_tokens_prefix": num_patches + 1,
+        "memory_kind": "peak CUDA allocation" if device.type == "cuda" else "autograd-saved activations",
+        "train_step": {name: summarize(t) for name, t in train_times.items()},
+        "generate": {name: {**summarize(t), "tokens_per_s": shape.batch * new_tokens / statistics.median(t)}
+                     for name, t in generate_times.items()},
+        "memory_bytes": memory,
+        "flops_one_token_at_256": {f: analytic_flops(shape, f, 256, num_patches) for f in ("none", "adem", "prefix")},
+    }
+    train = {name: r["median_s"] for name, r in result["train_step"].items()}
+    tokens = {name: r["tokens_per_s"] for name, r in result["generate"].items()}
+    result["ratios"] = {
+        "train adem/llm": train["adem"] / train["llm"], "train adem/none": train["adem"] / train["none"],
+        "train prefix/adem": train["prefix"] / train["adem"],
+        "generate tokens/s adem/none": tokens["adem"] / tokens["none"],
+        "memory adem/llm": memory["adem"] / memory["llm"], "memory adem/none": memory["adem"] / memory["none"],
+        "flops prefix/adem": result["flops_one_token_at_256"]["prefix"] / result["flops_one_token_at_256"]["adem"],
+    }
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"### {result['shape']} on {result['device']} (batch {result['batch']}, {result['text_tokens']} text tokens, "
+             f"{result['torch_threads']} threads)", "",
+             "| variant | train step median (min-max) s | generate tokens/s | memory MB | FLOPs, 1 token at T=256 |",
+             "|---|---|---|---|---|"]
+    for name in ("llm", "none", "adem", "prefix"):
+        step = result["train_step"][name]
+        tokens = result["generate"].get(name, {}).get("tokens_per_s")
+        flops = result["flops_one_token_at_256"].get(name)
+        lines.append(f"| {name} | {step['median_s']:.3f} ({step['min_s']:.3f}-{step['max_s']:.3f}) | "
+                     f"{'-' if tokens is None else f'{tokens:.1f}'} | {result['memory_bytes'][name] / 2**20:.0f} | "
+                     f"{'-' if flops is None else f'{flops / 1e12:.3f}T'} |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    lines.append(f"\nmemory: {result['memory_kind']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fusion_speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: llama7b on CUDA, else smollm2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = args.shape or ("llama7b" if device.type == "cuda" else "smollm2")
+    result = run(shape, args.repeats, args.new_tokens, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"fusion_speed_{shape}_{device.type}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""The fast fusion path equals the reference, in values and gradients, for every activation and gamma."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lavis_ademvl.models.fusion import ACTIVATIONS, activate, attend, fused_attend
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gamma", [0.0, 0.1, 0.5, 0.9])
+def test_fused_equals_reference(activation, gamma):
+    generator = torch.Generator().manual_seed(11)
+    query = torch.randn(2, 5, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    raw_keys = torch.randn(2, 20, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 20, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 5, 16, generator=generator, dtype=torch.float64)
+    results = []
+    for function in (lambda q, k, v: attend(activate(q, activation), k, v, gamma),
+                     lambda q, k, v: fused_attend(q, k, v, gamma, activation)):
+        out = function(query, activate(raw_keys, activation), values)
+        grads = torch.autograd.grad(out, (query, raw_keys, values), upstream)
+        results.append((out, grads))
+    (reference, reference_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+    for got, want in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_float32_tolerance_and_gradcheck():
+    torch.manual_seed(0)
+    query = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: fused_attend(q, k, v, 0.3, "silu"), (query, keys, values))
+    q32, k32, v32 = (t.detach().float() for t in (query, keys, values))
+    torch.testing.assert_close(fused_attend(q32, k32, v32, 0.3, "silu"), attend(activate(q32, "silu"), k32, v32, 0.3))
