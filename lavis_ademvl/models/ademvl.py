@@ -531,13 +531,19 @@ class AdemVL(BaseModel):
         compute_loss: bool = True,
         prompt: str | None = None,
         expand: int = 1,
+        visual: tuple[torch.Tensor | None, ...] | None = None,
         **generate_kwargs: Any,
     ) -> tuple[Any, EncodedBatch]:
-        """One LLM pass (or, given generate_kwargs, Hugging Face generation with `expand` rows per sample)."""
+        """One LLM pass (or, given generate_kwargs, Hugging Face generation with `expand` rows per sample).
+
+        `visual` passes (keys, values, slots) already computed for these rows, e.g. shared by several candidates.
+        """
         encoded = self.encode_batch(samples, with_answer, prompt)
-        has_image = _has_image(samples, encoded.input_ids.shape[0]).to(self.device)
         with self._autocast():
-            keys, values, slots = self._visual_inputs(samples.get("image"), has_image)
+            if visual is None:
+                has_image = _has_image(samples, encoded.input_ids.shape[0]).to(self.device)
+                visual = self._visual_inputs(samples.get("image"), has_image)
+            keys, values, slots = visual
             embeds = self._input_embeddings(encoded, slots)
             with self._fusion_memory(keys, values, expand):
                 if generate_kwargs:
@@ -624,6 +630,8 @@ class AdemVL(BaseModel):
             raise ValueError("answer_list holds no candidate")
         prompts, cues, _ = self.sample_texts(samples, with_answer=False, prompt=prompt)
         has_image = _has_image(samples, len(prompts))
+        with self._autocast():  # the vision tower runs once per sample, not once per candidate
+            visual = self._visual_inputs(samples.get("image"), has_image.to(self.device))
         flat_scores: list[float] = []
         for start in range(0, len(pairs), rows_per_pass):
             chunk = pairs[start : start + rows_per_pass]
@@ -634,9 +642,9 @@ class AdemVL(BaseModel):
                 "answer_cue": [cues[row] for row, _ in chunk],
                 "text_output": [candidate for _, candidate in chunk],
             }
-            if samples.get("image") is not None:
-                expanded["image"] = samples["image"][rows.to(samples["image"].device)]
-            output, encoded = self._run_llm(expanded, with_answer=True, compute_loss=False)
+            device_rows = rows.to(self.device)
+            chunk_visual = tuple(None if t is None else t[device_rows] for t in visual)
+            output, encoded = self._run_llm(expanded, with_answer=True, compute_loss=False, visual=chunk_visual)
             logprobs = torch.log_softmax(output.logits[:, :-1].float(), dim=-1)
             targets = encoded.labels[:, 1:]
             token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
