@@ -37,3 +37,21 @@ def test_quantization_needs_cuda(quantization, tmp_path):
 def test_unknown_quantization_is_named():
     with pytest.raises(ValueError, match="llm_quantization='3bit'"):
         tiny_model(llm_quantization="3bit")
+
+
+def test_device_map_keeps_the_llm_in_place(tmp_path):
+    """`llm_device_map` loads through accelerate's dispatch; `place` moves only our modules (CPU-only here)."""
+    from conftest import tiny_config
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**tiny_config()["llm_config"])).save_pretrained(tmp_path / "llm")
+    model = tiny_model(llm_model=str(tmp_path / "llm"), llm_config=None, llm_device_map={"": "cpu"})
+    assert model.llm_dispatched and model.llm.hf_device_map == {"": "cpu"}
+    assert model.place("cpu") is model
+    model.train()
+    loss = model(make_batch())["loss"]
+    loss.backward()
+    assert model.visual_value_offset.grad is not None and torch.isfinite(loss)
+    assert not tiny_model().llm_dispatched
+    with pytest.raises(ValueError, match="llm_device_map needs pretrained weights"):
+        tiny_model(llm_device_map="auto")

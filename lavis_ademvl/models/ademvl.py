@@ -61,7 +61,7 @@ MODEL_CONFIG_KEYS = frozenset(
         "fusion", "activation", "query_from", "add_to", "down_sample_num", "pooling", "with_cls",
         "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj", "adapter_dim",
         "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt", "prompt",
-        "llm_gradient_checkpointing", "llm_quantization",
+        "llm_gradient_checkpointing", "llm_quantization", "llm_device_map",
     }
 )
 
@@ -220,6 +220,7 @@ class AdemVL(BaseModel):
             self.visual_key_offset = nn.Parameter(torch.randn(1, num_visual, d_llm) * 0.02)
             self.visual_value_offset = nn.Parameter(torch.zeros(1, num_visual, d_llm))
             self._memory: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._memory_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
             self._pending_queries: dict[int, torch.Tensor] = {}
             self._attach_fusion_hooks()
         self._truncation_warned = False
@@ -247,7 +248,10 @@ class AdemVL(BaseModel):
 
         quantization = cfg.get("llm_quantization")
         check_choice("llm_quantization", quantization, QUANTIZATIONS)
-        llm = _load_llm(cfg.get("llm_model"), cfg.get("llm_config"), dtype, quantization)
+        device_map = cfg.get("llm_device_map")
+        if isinstance(device_map, DictConfig):
+            device_map = OmegaConf.to_container(device_map)
+        llm = _load_llm(cfg.get("llm_model"), cfg.get("llm_config"), dtype, quantization, device_map)
         tokenizer_name = cfg.get("tokenizer") or cfg.get("llm_model")
         if tokenizer_name is None:
             raise KeyError("model config needs `tokenizer` when the LLM comes from `llm_config`")
@@ -263,6 +267,24 @@ class AdemVL(BaseModel):
                 raise KeyError("load_finetuned is true but `finetuned` names no checkpoint")
             model.load_checkpoint(finetuned)
         return model
+
+    # ------------------------------------------------------------------ placement
+
+    @property
+    def llm_dispatched(self) -> bool:
+        """True when the frozen LLM was placed by `llm_device_map` (or quantized) and must not be moved."""
+        return getattr(self.llm, "hf_device_map", None) is not None
+
+    def place(self, device: torch.device | str) -> "AdemVL":
+        """Move the model to `device`; a dispatched LLM stays where it was placed, only our modules move."""
+        if not self.llm_dispatched:
+            return self.to(device)
+        for name, module in self.named_children():
+            if name != "llm":
+                module.to(device)
+        for parameter in self.parameters(recurse=False):
+            parameter.data = parameter.data.to(device)
+        return self
 
     # ------------------------------------------------------------------ parameters and checkpoints
 
@@ -344,13 +366,22 @@ class AdemVL(BaseModel):
             if self._memory is None:
                 return output
             query = _module_input(args, kwargs) if own_input else self._pending_queries.pop(index)
-            keys, values = self._memory
+            keys, values = self._memory_on(query.device)
             if query.shape[0] != keys.shape[0]:
                 raise RuntimeError(f"visual memory holds {keys.shape[0]} rows but the decoder runs {query.shape[0]}")
             fused = fused_attend(query, keys, values, self.drop_ratio, self.activation)
             return _add_to_output(output, self.alpha * fused)
 
         return hook
+
+    def _memory_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual memory on `device`: layers of a dispatched LLM live on several GPUs; one copy per device."""
+        keys, values = self._memory
+        if keys.device == device:
+            return keys, values
+        if device not in self._memory_copies:
+            self._memory_copies[device] = (keys.to(device), values.to(device))
+        return self._memory_copies[device]
 
     @contextlib.contextmanager
     def _fusion_memory(self, keys: torch.Tensor | None, values: torch.Tensor | None, expand: int = 1) -> Iterator[None]:
@@ -365,13 +396,14 @@ class AdemVL(BaseModel):
         if expand > 1:
             keys, values = keys.repeat_interleave(expand, dim=0), values.repeat_interleave(expand, dim=0)
         self._memory = (keys, values)
+        self._memory_copies = {}
         try:
             yield
         finally:
             # With gradient checkpointing, backward recomputes the layers (and runs the hooks) after this
             # context has closed, so the memory stays until the next forward replaces it.
             if not (self.llm_gradient_checkpointing and self.training):
-                self._memory = None
+                self._memory, self._memory_copies = None, {}
             self._pending_queries.clear()
 
     # ------------------------------------------------------------------ visual side
@@ -813,10 +845,19 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
 
 
 def _load_llm(
-    name_or_path: str | None, config: DictConfig | dict | None, dtype: torch.dtype, quantization: str | None = None
+    name_or_path: str | None,
+    config: DictConfig | dict | None,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+    device_map: str | dict | None = None,
 ) -> PreTrainedModel:
     if (name_or_path is None) == (config is None):
         raise KeyError("give exactly one of `llm_model` (hub name or local folder) and `llm_config` (random init)")
+    if device_map is not None and quantization is None:
+        if config is not None:
+            raise ValueError("llm_device_map needs pretrained weights (llm_model), not a random llm_config")
+        # Hugging Face/accelerate place the decoder layers over the listed devices ("auto": all visible GPUs).
+        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), torch_dtype=dtype, device_map=device_map)
     if quantization is not None:
         if config is not None:
             raise ValueError("llm_quantization needs pretrained weights (llm_model), not a random llm_config")

@@ -90,7 +90,11 @@ class RunnerAdemVL(RunnerBase):
     @property
     def model(self) -> torch.nn.Module:
         if self._wrapped_model is None:
-            self._model = self._model.to(self.device)
+            placed = getattr(self._model, "llm_dispatched", False)
+            if placed and self.use_distributed:
+                raise ValueError("model.llm_device_map spreads one model over several GPUs in one process; "
+                                 "run it without torchrun")
+            self._model = self._model.place(self.device) if hasattr(self._model, "place") else self._model.to(self.device)
             if self.use_distributed:
                 device_ids = [self.config.run_cfg.gpu] if self.cuda_enabled else None
                 self._wrapped_model = DDP(self._model, device_ids=device_ids)
