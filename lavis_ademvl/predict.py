@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 import lavis_ademvl  # noqa: F401  (registers processors)
-from lavis_ademvl.common.inference import load_for_inference, load_image
+from lavis_ademvl.common.images import load_image
+from lavis_ademvl.common.inference import load_for_inference
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import ANSWER_CUE, build_prompt, option_letters
 from lavis_ademvl.tasks.scienceqa import first_capital_letter
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import lavis_ademvl  # noqa: F401  (registers processors)
-from lavis_ademvl.common.inference import load_for_inference, load_image
+from lavis_ademvl.common.images import load_image
+from lavis_ademvl.common.inference import load_for_inference
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import activate, kept_mask
 

@@ -7,23 +7,10 @@ from typing import Any
 import torch
 from lavis.common.registry import registry
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
 
 from lavis_ademvl.common.config_files import load_with_includes
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.models.ademvl import AdemVL
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image; a missing or unreadable file is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
 
 
 def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:

@@ -11,9 +11,10 @@ import string
 from typing import Any, Callable
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from lavis_ademvl.common.images import load_image
 from lavis_ademvl.models.fusion import check_choice
 
 PROMPT_FORMATS = ("QCM-A", "CQM-A")
@@ -73,19 +74,11 @@ class ScienceQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.pids)
 
-    def _load_image(self, pid: str) -> Image.Image:
-        path = self.image_paths[pid]
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError) as error:
-            raise ValueError(f"cannot read image {path} of ScienceQA question {pid}: {error}") from error
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         pid = self.pids[index]
         problem = self.problems[pid]
         has_image = pid in self.image_paths
-        image = self._load_image(pid) if has_image else self.placeholder
+        image = load_image(self.image_paths[pid], f"of ScienceQA question {pid}") if has_image else self.placeholder
         letters = option_letters(len(problem["choices"]))
         answer = letters[int(problem["answer"])]
         options = [self.text_processor(str(choice)) for choice in problem["choices"]]
