@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.models.ademvl import AdemVL, answer_loss, labelled_columns, last_columns
 from lavis_ademvl.models.tokenization import byte_level_tokenizer
 
 
@@ -81,15 +81,17 @@ def make_batch(shape: Shape, device: torch.device) -> dict:
 
 
 def llm_step(llm: LlamaForCausalLM, variant: AdemVL, batch: dict) -> Callable[[], None]:
-    """The limit: the same tokens through the bare LLM, backward to the input embeddings."""
+    """The limit: the same tokens through the bare LLM, backward to the input embeddings; like the model, it
+    projects to the vocabulary only the positions that predict a label."""
     encoded = variant.encode_batch(batch, with_answer=True)
+    keep = labelled_columns(encoded.labels) + 1
 
     def step() -> None:
         embeds = llm.get_input_embeddings()(encoded.input_ids).detach().requires_grad_(True)
         with variant._autocast():
-            loss = llm(inputs_embeds=embeds, attention_mask=encoded.attention_mask, position_ids=encoded.position_ids,
-                       labels=encoded.labels, use_cache=False).loss
-        loss.backward()
+            logits = llm(inputs_embeds=embeds, attention_mask=encoded.attention_mask, position_ids=encoded.position_ids,
+                         use_cache=False, logits_to_keep=last_columns(embeds, keep)).logits
+        answer_loss(logits, encoded.labels).backward()
 
     return step
 
@@ -102,21 +104,21 @@ def train_step(model: AdemVL, batch: dict) -> Callable[[], None]:
     return step
 
 
-def saved_bytes(step: Callable[[], None]) -> int:
-    """Bytes of the tensors autograd saves for backward during one step (activation memory)."""
-    total, seen = 0, set()
+def saved_bytes(step: Callable[[], None], model: torch.nn.Module) -> int:
+    """Bytes of the storages autograd keeps for backward during one step (activation memory): each storage
+    counted once, whatever views of it are saved; the model's own weights are not counted."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key not in seen and tensor.device.type != "meta":
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if tensor.device.type != "meta" and storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step()
-    return total
+    return sum(storages.values())
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
@@ -157,6 +159,19 @@ def analytic_flops(shape: Shape, fusion: str, context: int, num_patches: int) ->
     return float(flops)
 
 
+def analytic_train_ratio(shape: Shape, context: int) -> float:
+    """adem/llm FLOPs of a training step's decoder layers, a floor for the measured ratio: per token and layer the
+    frozen LLM does its projections forward and backward to the input (4 FLOPs per weight) and causal attention
+    (2 d T forward, 4 d T backward); the fusion adds 6 matmuls of Nv x d per token (2 forward, 4 backward: the
+    gradients of the query, keys and values). The vision tower and the few answer-position logits are left out."""
+    d, inter, heads = shape.llm["hidden_size"], shape.llm["intermediate_size"], shape.llm["num_attention_heads"]
+    kv_heads = shape.llm.get("num_key_value_heads", heads)
+    projection_weights = d * (d + 2 * d * kv_heads // heads + d) + 3 * d * inter
+    llm = 4 * projection_weights + 6 * d * context
+    fusion = 6 * 2 * sum(shape.down_sample_num) * d
+    return 1 + fusion / llm
+
+
 def summarize(samples: list[float]) -> dict:
     return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples), "repeats": len(samples)}
 
@@ -166,6 +181,7 @@ def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) ->
     llm, variants = build_variants(shape, device)
     batch = make_batch(shape, device)
     steps = {"llm": llm_step(llm, variants["adem"], batch), **{name: train_step(m, batch) for name, m in variants.items()}}
+    sequence_length = variants["adem"].encode_batch(batch, with_answer=True).input_ids.shape[1]
 
     def generate(model: AdemVL) -> Callable[[], None]:
         samples = {key: value for key, value in batch.items() if key != "text_output"}
@@ -187,7 +203,9 @@ def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) ->
             train_times[name].append(timed(step, device))
         for name, step in generations.items():
             generate_times[name].append(timed(step, device))
-    memory = {name: (peak_cuda_bytes(step) if device.type == "cuda" else saved_bytes(step)) for name, step in steps.items()}
+    models = {"llm": variants["adem"], **variants}  # whose weights are not activation memory
+    memory = {name: peak_cuda_bytes(step) if device.type == "cuda" else saved_bytes(step, models[name])
+              for name, step in steps.items()}
     num_patches = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
     result = {
         "shape": shape.name, "device": str(device), "cpu": platform.processor() or platform.machine(),
@@ -208,6 +226,7 @@ def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) ->
         "generate tokens/s adem/none": tokens["adem"] / tokens["none"],
         "memory adem/llm": memory["adem"] / memory["llm"], "memory adem/none": memory["adem"] / memory["none"],
         "flops prefix/adem": result["flops_one_token_at_256"]["prefix"] / result["flops_one_token_at_256"]["adem"],
+        "flops train adem/llm (decoder floor)": analytic_train_ratio(shape, sequence_length),
     }
     return result
 

@@ -35,3 +35,34 @@ def test_fused_float32_tolerance_and_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k, v: fused_attend(q, k, v, 0.3, "silu"), (query, keys, values))
     q32, k32, v32 = (t.detach().float() for t in (query, keys, values))
     torch.testing.assert_close(fused_attend(q32, k32, v32, 0.3, "silu"), attend(activate(q32, "silu"), k32, v32, 0.3))
+
+
+@pytest.mark.parametrize("needs", [(False, False, True), (False, True, False), (True, False, False), (False, True, True)])
+def test_fused_gradients_when_only_some_inputs_need_them(needs):
+    generator = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(2, 4, 8, generator=generator, dtype=torch.float64)] + [
+        torch.randn(2, 10, 8, generator=generator, dtype=torch.float64) for _ in range(2)
+    ]
+    upstream = torch.randn(2, 4, 8, generator=generator, dtype=torch.float64)
+    grads = []
+    for function in (lambda q, k, v: attend(activate(q, "silu"), k, v, 0.2),
+                     lambda q, k, v: fused_attend(q, k, v, 0.2, "silu")):
+        inputs = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs)]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads.append(torch.autograd.grad(function(*inputs), wanted, upstream))
+    for got, want in zip(*reversed(grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_runs_in_the_query_dtype_and_returns_gradients_in_the_inputs_dtypes():
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 4, 8, generator=generator).bfloat16().requires_grad_(True)
+    keys = torch.randn(2, 10, 8, generator=generator, requires_grad=True)
+    values = torch.randn(2, 10, 8, generator=generator, requires_grad=True)
+    out = fused_attend(query, keys, values, 0.2, "silu")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert (query.grad.dtype, keys.grad.dtype, values.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    rounded = [t.detach().bfloat16().float() for t in (query, keys, values)]
+    reference = attend(activate(rounded[0], "silu"), rounded[1], rounded[2], 0.2)
+    assert (out.float() - reference).norm() < 1e-2 * reference.norm()  # bfloat16 rounding of the scores only

@@ -73,6 +73,59 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.1, losses
 
 
+def test_loss_and_scores_equal_those_of_full_logits():
+    """Logits are computed for the labelled columns only; loss and candidate scores must not change."""
+    model = tiny_model().eval()
+    batch = dict(make_batch(), text_output=[" A.", " a much longer answer.", " B", " yes, C."])
+    full_logits = []
+    handle = model.llm.register_forward_hook(lambda module, args, output: full_logits.append(output.logits))
+    model._llm_keeps_logits = False  # the reference: Hugging Face's logits for every position
+    reference_scores = model.score_candidates(batch, [[a] for a in batch["text_output"]])
+    model(batch)
+    labels = model.encode_batch(batch, with_answer=True).labels
+    reference_loss = torch.nn.functional.cross_entropy(
+        full_logits[-1][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    assert full_logits[-1].shape[1] == labels.shape[1]
+    model._llm_keeps_logits = True
+    full_logits.clear()
+    loss = model(batch)["loss"]
+    assert full_logits[0].shape[1] < labels.shape[1] // 2  # the LLM really projected fewer positions
+    torch.testing.assert_close(loss, reference_loss)
+    torch.testing.assert_close(
+        torch.tensor(model.score_candidates(batch, [[a] for a in batch["text_output"]])), torch.tensor(reference_scores)
+    )
+    handle.remove()
+
+
+def test_cpu_bfloat16_trains_close_to_float32():
+    """cpu_dtype: bfloat16 runs the frozen towers in bfloat16 under CPU autocast; trainable weights stay float32."""
+    batch = make_batch()
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = tiny_model(cpu_dtype=dtype).eval()
+        assert model.llm.dtype == getattr(torch, dtype) and model.vision_tower.dtype == getattr(torch, dtype)
+        loss = model(batch)["loss"]
+        loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 and p.grad is not None for p in trainable)
+        losses[dtype] = loss.item()
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+
+
+def test_cpu_dtype_auto_follows_the_cpu_flags(tmp_path):
+    from lavis_ademvl.models.ademvl import cpu_has_native_bfloat16
+
+    with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert cpu_has_native_bfloat16(with_bf16) and not cpu_has_native_bfloat16(without)
+    assert not cpu_has_native_bfloat16(tmp_path / "missing")
+    expected = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    assert tiny_model(cpu_dtype="auto").llm.dtype == expected
+
+
 def test_samples_without_images_ignore_their_placeholder():
     model = tiny_model().eval()
     batch = make_batch(has_image=[0, 0, 0, 0])
@@ -179,6 +232,7 @@ def test_slot_lengths_of_fusions():
         ({"down_sample_num": [64]}, ValueError, "down_sample_num entry 64"),
         ({"drop_ratio": 1.5}, ValueError, "drop_ratio=1.5"),
         ({"llm_dtype": "int8"}, ValueError, "llm_dtype='int8'"),
+        ({"cpu_dtype": "float16"}, ValueError, "cpu_dtype='float16'"),
         ({"adapter_rank": 4}, KeyError, "adapter_rank"),
     ],
 )

@@ -150,44 +150,47 @@ def multiscale_pool(patches: torch.Tensor, down_sample_num: Sequence[int], pooli
 
 
 class _FusedAttend(torch.autograd.Function):
-    """`attend` with a leaner backward record: it keeps the query, keys, values and a 1-byte drop mask, and
-    recomputes act(query) and the scores in backward, instead of autograd keeping act(query), the float mask
-    and the dropped scores ([B, T, d] + 2 x [B, T, Nv] floats per decoder layer)."""
+    """`attend` with a leaner backward record: it keeps the query, keys, values, the dropped scores and a 1-byte
+    drop mask, and recomputes act(query) (elementwise, cheap) in backward, instead of autograd keeping act(query),
+    a float mask and two copies of the scores. Saving the scores spares backward a [T, d] x [d, Nv] matmul."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, query, activated_keys, values, drop_ratio, activation):  # type: ignore[override]
+        # Computed in the query's (the LLM's) dtype, so backward needs no autocast to match forward.
+        ctx.memory_dtypes = activated_keys.dtype, values.dtype
+        activated_keys, values = activated_keys.to(query.dtype), values.to(query.dtype)
         with torch.no_grad():
             scores = torch.matmul(activate(query, activation), activated_keys.transpose(-1, -2))
-            mask = kept_mask(scores, drop_ratio) if drop_ratio > 0 else None
-            if mask is not None:
-                scores.masked_fill_(~mask, 0)
+            dropped = ~kept_mask(scores, drop_ratio) if drop_ratio > 0 else None
+            if dropped is not None:
+                scores.masked_fill_(dropped, 0)
             out = torch.matmul(scores, values)
-        ctx.activation, ctx.has_mask = activation, mask is not None
-        ctx.save_for_backward(query, activated_keys, values, *([mask] if mask is not None else []))
+        ctx.activation = activation
+        ctx.save_for_backward(query, activated_keys, values, scores, dropped)
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # type: ignore[override]
-        query, keys, values, *mask = ctx.saved_tensors
+        query, keys, values, scores, dropped = ctx.saved_tensors
         needs_query, needs_keys, needs_values = ctx.needs_input_grad[:3]
+        grad_query = grad_keys = grad_values = None
+        if needs_values:
+            grad_values = torch.matmul(scores.transpose(-1, -2), grad_out).to(ctx.memory_dtypes[1])
+        if not (needs_query or needs_keys):
+            return grad_query, grad_keys, grad_values, None, None
+        grad_scores = torch.matmul(grad_out, values.transpose(-1, -2))
+        if dropped is not None:
+            grad_scores.masked_fill_(dropped, 0)
         with torch.enable_grad():
             leaf = query.detach().requires_grad_(needs_query)
             activated = activate(leaf, ctx.activation)
-        grad_query = grad_keys = grad_values = None
-        scores = torch.matmul(activated.detach(), keys.transpose(-1, -2))
-        if ctx.has_mask:
-            scores.masked_fill_(~mask[0], 0)
-        if needs_values:
-            grad_values = torch.matmul(scores.transpose(-1, -2), grad_out)
-        grad_scores = torch.matmul(grad_out, values.transpose(-1, -2))
-        if ctx.has_mask:
-            grad_scores.masked_fill_(~mask[0], 0)
         if needs_keys:
             grad_keys = torch.matmul(grad_scores.transpose(-1, -2), activated.detach())
         if needs_query:
             (grad_query,) = torch.autograd.grad(activated, leaf, torch.matmul(grad_scores, keys))
+        grad_keys = None if grad_keys is None else grad_keys.to(ctx.memory_dtypes[0])
         return grad_query, grad_keys, grad_values, None, None
 
 
