@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-path", type=Path, default=REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml")
     parser.add_argument("--output-dir", type=Path, default=Path("output/ademvl/demo"))
     parser.add_argument("--cache-dir", type=Path, help="asset cache (default: $LAVIS_ADEMVL_CACHE or ~/.cache/lavis_ademvl)")
-    parser.add_argument("--num-train", type=int, default=1600)
+    parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-test", type=int, default=300)
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("--options", nargs="+", default=[], help="extra config overrides for both runs, key=value")
