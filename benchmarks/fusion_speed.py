@@ -105,18 +105,19 @@ def train_step(model: AdemVL, batch: dict) -> Callable[[], None]:
 
 
 def saved_bytes(step: Callable[[], None], model: torch.nn.Module) -> int:
-    """Bytes of the storages autograd keeps for backward during one step (activation memory): each storage
-    counted once, whatever views of it are saved; the model's own weights are not counted."""
+    """Bytes of the storages that backward reads from what autograd saved during one step (activation memory):
+    each storage counted once, whatever views of it are saved; the model's own weights are not counted, nor
+    tensors saved for a branch that backward never reaches (e.g. an output nobody uses)."""
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if tensor.device.type != "meta" and storage.data_ptr() not in weights:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, unpack):
         step()
     return sum(storages.values())
 

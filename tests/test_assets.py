@@ -367,3 +367,26 @@ def test_random_clip_is_seeded_and_loadable(tmp_path):
     marker = (tmp_path / "a" / ".complete").stat().st_mtime_ns
     build_random_clip(tmp_path / "a", seed=3)
     assert (tmp_path / "a" / ".complete").stat().st_mtime_ns == marker
+
+
+# --------------------------------------------------------------------------------------------- demo configs
+
+
+def test_demo_configs_train_and_evaluate_on_the_real_assets(smollm2_dir, sqa_dir, tmp_path):
+    """projects/ademvl/demo: the training config and its evaluation config, on SmolLM2 and a random tower."""
+    from cli import REPO, job_dirs, read_jsonl, run_module
+
+    from lavis_ademvl.assets import build_random_clip
+
+    demo = REPO / "projects" / "ademvl" / "demo"
+    assets = [f"datasets.scienceqa_mc.build_info.data_root={sqa_dir}", f"model.llm_model={smollm2_dir}",
+              f"model.vision_model={build_random_clip(tmp_path / 'clip')}"]
+    run_module("lavis_ademvl.train", demo / "sqa_smollm2.yaml",
+               [*assets, "run.max_epoch=1", f"run.output_dir={tmp_path / 'train'}"], cwd=tmp_path)
+    (job,) = job_dirs(tmp_path / "train")
+    (trained,) = [e for e in read_jsonl(job / "evaluate.txt") if e["split"] == "test"]
+    run_module("lavis_ademvl.evaluate", demo / "sqa_smollm2_eval.yaml",
+               [*assets, f"model.finetuned={job / 'checkpoint_latest.pth'}", f"run.output_dir={tmp_path / 'eval'}"],
+               cwd=tmp_path)
+    (evaluated,) = read_jsonl(job_dirs(tmp_path / "eval")[0] / "evaluate.txt")
+    assert evaluated["split"] == "test" and evaluated["Avg"] == trained["Avg"] and evaluated["IMG"] == trained["IMG"]
