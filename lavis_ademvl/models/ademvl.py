@@ -432,8 +432,9 @@ class AdemVL(BaseModel):
         """Per forward, once: (activated keys [B,Nv,d], values [B,Nv,d], slot embeddings [B,S,d] or None)."""
         batch = has_image.shape[0]
         if self.fusion == "none":
-            keys = activate(self.visual_key_offset, self.activation).expand(batch, -1, -1)
-            return keys.to(self.llm_dtype), self.visual_value_offset.expand(batch, -1, -1).to(self.llm_dtype), None
+            # Cast before expanding: casting an expanded tensor would materialise one copy per sample.
+            keys = activate(self.visual_key_offset, self.activation).to(self.llm_dtype).expand(batch, -1, -1)
+            return keys, self.visual_value_offset.to(self.llm_dtype).expand(batch, -1, -1), None
         if image is None:
             raise KeyError("samples need an `image` tensor (placeholder images for text-only samples)")
         features = self._vision_features(image)
