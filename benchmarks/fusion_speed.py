@@ -6,7 +6,10 @@ Variants share one frozen LLM (random weights of the shape): `llm` (no fusion at
 input embeddings; the physical limit), `none` (ADEM-VL's learned memory without vision), `adem`, and `prefix`
 (every CLIP token projected and prepended, 257 at ViT-L/14 shape). Steps are timed interleaved after a warm-up:
 a training step (forward + backward to the trainable parameters) and greedy generation of 32 tokens with the KV
-cache. Memory is the bytes autograd saves for backward in one training step (CPU) or the peak allocation (CUDA).
+cache. Memory is the bytes autograd saves for backward in one training step (CPU) or the step's peak allocation
+above the resident weights (CUDA).
+Each sample holds `text_tokens` tokens of text (prompt and answer; `adem` adds its "Image: " prefix and [cls] slot)
+under a BPE tokenizer trained on that text, so words and the prefix take as many tokens as under SmolLM2's.
 Writes JSON and a markdown table; nothing is asserted.
 """
 from __future__ import annotations
@@ -21,10 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lavis_ademvl.models.ademvl import AdemVL, answer_loss, labelled_columns, last_columns
-from lavis_ademvl.models.tokenization import byte_level_tokenizer
 
 
 @dataclass
@@ -50,16 +53,33 @@ SHAPES = {
                      dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                           image_size=224, patch_size=14), 4, 256, [256, 64], torch.bfloat16),
     # For a smoke run of the script itself.
-    "tiny": Shape("tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=259),
+    "tiny": Shape("tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
                   dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=2),
                   2, 32, [256, 64], torch.float32),
 }
 
+# Benchmark text: a prompt of whole words and an answer, as a real tokenizer would split them.
+FILLER = "The quick brown fox jumps over the lazy dog. "
+ANSWER = " answer."
+
+
+def word_tokenizer(image_prompts: tuple[str, ...] = ("Image: ", "Image: N/A")) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the benchmark's own text, so words and the image prefix take as many tokens as
+    in SmolLM2's or LLaMA's tokenizer ("Image: " is 3 tokens, as there), not one per byte."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([FILLER * 4, ANSWER, *image_prompts], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
 
 def build_variants(shape: Shape, device: torch.device) -> tuple[LlamaForCausalLM, dict[str, AdemVL]]:
     torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(**shape.llm, pad_token_id=256, bos_token_id=257, eos_token_id=258)).to(device, shape.dtype)
-    tokenizer = byte_level_tokenizer()
+    tokenizer = word_tokenizer()
+    llm = LlamaForCausalLM(LlamaConfig(**shape.llm, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id)).to(device, shape.dtype)
     variants = {}
     for fusion in ("none", "adem", "prefix"):
         # One tower per variant: a tower's adapters are attached to it for good.
@@ -69,14 +89,16 @@ def build_variants(shape: Shape, device: torch.device) -> tuple[LlamaForCausalLM
     return llm, variants
 
 
-def make_batch(shape: Shape, device: torch.device) -> dict:
-    # Byte-level text: text_tokens bytes of prompt and an 8-byte answer.
-    prompt = ("The quick brown fox jumps over the lazy dog. " * 64)[: shape.text_tokens - 8]
+def make_batch(shape: Shape, tokenizer: PreTrainedTokenizerFast, device: torch.device) -> dict:
+    """text_tokens tokens of text per sample: a prompt of whole words, then the answer."""
+    answer_tokens = len(tokenizer(ANSWER, add_special_tokens=False).input_ids)
+    filler = tokenizer(FILLER * shape.text_tokens, add_special_tokens=False).input_ids
+    prompt = tokenizer.decode(filler[: shape.text_tokens - answer_tokens])
     return {
         "image": torch.randn(shape.batch, 3, shape.vision["image_size"], shape.vision["image_size"], device=device),
         "has_image": torch.ones(shape.batch, dtype=torch.long),
         "text_input": [prompt] * shape.batch,
-        "text_output": [" answer."] * shape.batch,
+        "text_output": [ANSWER] * shape.batch,
     }
 
 
@@ -133,11 +155,13 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
 
 
 def peak_cuda_bytes(step: Callable[[], None]) -> int:
+    """Peak CUDA allocation during one step above what was allocated before it (the resident weights)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - resident
 
 
 def analytic_flops(shape: Shape, fusion: str, context: int, num_patches: int) -> float:
@@ -180,9 +204,9 @@ def summarize(samples: list[float]) -> dict:
 def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) -> dict:
     shape = SHAPES[shape_name]
     llm, variants = build_variants(shape, device)
-    batch = make_batch(shape, device)
+    batch = make_batch(shape, variants["adem"].tokenizer, device)
     steps = {"llm": llm_step(llm, variants["adem"], batch), **{name: train_step(m, batch) for name, m in variants.items()}}
-    sequence_length = variants["adem"].encode_batch(batch, with_answer=True).input_ids.shape[1]
+    sequence_tokens = {name: m.encode_batch(batch, with_answer=True).input_ids.shape[1] for name, m in variants.items()}
 
     def generate(model: AdemVL) -> Callable[[], None]:
         samples = {key: value for key, value in batch.items() if key != "text_output"}
@@ -212,7 +236,8 @@ def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) ->
         "shape": shape.name, "device": str(device), "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(), "batch": shape.batch, "text_tokens": shape.text_tokens,
         "visual_tokens_adem": sum(shape.down_sample_num), "visual_tokens_prefix": num_patches + 1,
-        "memory_kind": "peak CUDA allocation" if device.type == "cuda" else "autograd-saved activations",
+        "sequence_tokens": sequence_tokens,
+        "memory_kind": "peak CUDA allocation above the weights" if device.type == "cuda" else "autograd-saved activations",
         "train_step": {name: summarize(t) for name, t in train_times.items()},
         "generate": {name: {**summarize(t), "tokens_per_s": shape.batch * new_tokens / statistics.median(t)}
                      for name, t in generate_times.items()},
@@ -227,7 +252,7 @@ def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) ->
         "generate tokens/s adem/none": tokens["adem"] / tokens["none"],
         "memory adem/llm": memory["adem"] / memory["llm"], "memory adem/none": memory["adem"] / memory["none"],
         "flops prefix/adem": result["flops_one_token_at_256"]["prefix"] / result["flops_one_token_at_256"]["adem"],
-        "flops train adem/llm (decoder floor)": analytic_train_ratio(shape, sequence_length),
+        "flops train adem/llm (decoder floor)": analytic_train_ratio(shape, sequence_tokens["adem"]),
     }
     return result
 

@@ -1,4 +1,5 @@
-"""Gradient checkpointing of the LLM gives the same loss and gradients; quantization is refused on CPU."""
+"""Gradient checkpointing of the LLM or the vision tower gives the same loss and gradients; quantization is refused
+on CPU."""
 from __future__ import annotations
 
 import pytest
@@ -7,22 +8,35 @@ from conftest import tiny_model
 from test_model import make_batch
 
 
-@pytest.mark.parametrize("placement", [{}, {"query_from": "attn_in", "add_to": "mlp_out"}])
-def test_checkpointing_matches_plain_backward(placement):
+@pytest.mark.parametrize(
+    "tower, placement, adapter_dropout",
+    [
+        ("llm", {}, 0.0),
+        ("llm", {"query_from": "attn_in", "add_to": "mlp_out"}, 0.0),
+        # The vision adapters' dropout must be replayed identically when the tower is recomputed.
+        ("vision", {}, 0.5),
+    ],
+)
+def test_checkpointing_matches_plain_backward(tower, placement, adapter_dropout):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = tiny_model(llm_gradient_checkpointing=checkpointing, adapter_dropout=0.0, **placement)
+        model = tiny_model(**{f"{tower}_gradient_checkpointing": checkpointing}, adapter_dropout=adapter_dropout,
+                           **placement)
         model.train()
         with torch.no_grad():
             for adapter in model.vision_adapters:
                 adapter.fc2.weight.normal_(0, 0.1)
+        torch.manual_seed(1)
         loss = model(make_batch())["loss"]
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-        assert model.llm.is_gradient_checkpointing == checkpointing
+        checkpointed = model.llm if tower == "llm" else model.vision_tower
+        assert checkpointed.is_gradient_checkpointing == checkpointing
     (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
     torch.testing.assert_close(ckpt_loss, plain_loss)
+    # Every vision adapter, the first one included (its block's input needs no gradient), is reached.
+    assert all(plain_grads[f"vision_adapters.{i}.fc1.weight"].abs().sum() > 0 for i in range(len(model.vision_adapters)))
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -63,7 +63,8 @@ MODEL_CONFIG_KEYS = frozenset(
         "fusion", "activation", "query_from", "add_to", "down_sample_num", "pooling", "with_cls",
         "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj", "adapter_dim",
         "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt", "prompt",
-        "llm_gradient_checkpointing", "llm_quantization", "llm_device_map", "cpu_dtype",
+        "llm_gradient_checkpointing", "vision_gradient_checkpointing", "llm_quantization", "llm_device_map",
+        "cpu_dtype",
     }
 )
 
@@ -149,6 +150,7 @@ class AdemVL(BaseModel):
         no_image_prompt: str = "Image: N/A",
         prompt: str = "",
         llm_gradient_checkpointing: bool = False,
+        vision_gradient_checkpointing: bool = False,
         llm_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -192,6 +194,11 @@ class AdemVL(BaseModel):
         self.vision_tower = vision_tower
         if vision_tower is not None:
             vision_tower.requires_grad_(False)
+            if vision_gradient_checkpointing:
+                # The tower's activations are read only at the very end of backward, after the LLM's are freed:
+                # recomputing them there keeps them out of the peak. Non-reentrant, so adapters behind a frozen
+                # input still get gradients, and the adapters' dropout is replayed with the same random state.
+                vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # The fused features are the input of the last CLIP block, so that block never runs (and an
             # adapter on it would never receive a gradient, which breaks DDP).
             encoder = vision_tower.vision_model.encoder
@@ -783,6 +790,7 @@ def model_options(cfg: DictConfig) -> dict[str, Any]:
         "no_image_prompt": cfg.get("no_image_prompt", "Image: N/A"),
         "prompt": cfg.get("prompt", ""),
         "llm_gradient_checkpointing": cfg.get("llm_gradient_checkpointing", False),
+        "vision_gradient_checkpointing": cfg.get("vision_gradient_checkpointing", False),
     }
 
 
