@@ -63,7 +63,7 @@ FILLER = "The quick brown fox jumps over the lazy dog. "
 ANSWER = " answer."
 
 
-def word_tokenizer(image_prompts: tuple[str, ...] = ("Image: ", "Image: N/A")) -> PreTrainedTokenizerFast:
+def word_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the benchmark's own text, so words and the image prefix take as many tokens as
     in SmolLM2's or LLaMA's tokenizer ("Image: " is 3 tokens, as there), not one per byte."""
     backend = Tokenizer(models.BPE())
@@ -71,7 +71,7 @@ def word_tokenizer(image_prompts: tuple[str, ...] = ("Image: ", "Image: N/A")) -
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([FILLER * 4, ANSWER, *image_prompts], trainer)
+    backend.train_from_iterator([FILLER * 4, ANSWER, "Image: ", "Image: N/A"], trainer)  # the model's default prefixes
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
