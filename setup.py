@@ -5,7 +5,9 @@ A .pth file only runs from a site directory, so it must sit at the root of the w
 - a regular wheel (`pip install .`, `pip wheel .`): into build_lib, whose files form the wheel's root;
 - an editable wheel (`pip install -e .`, PEP 660): setuptools ignores build_lib there and writes files that cannot
   be editable (scripts, data) straight into the unpacked wheel, which its `editable_wheel` command sets as the
-  `install` command's install_lib; the .pth goes there too.
+  `install` command's install_lib; the .pth goes there too. Its module, lavis_ademvl_discovery, is then importable
+  through setuptools' `__editable__.lavis_ademvl-*.pth` finder, which Python reads first (.pth files run in sorted
+  name order).
 """
 from __future__ import annotations
 
