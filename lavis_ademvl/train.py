@@ -1,4 +1,5 @@
-"""Train (and evaluate) with LAVIS, ADEM-VL registered: `python -m lavis_ademvl.train --cfg-path X.yaml`."""
+"""Train (and evaluate) with LAVIS, ADEM-VL registered: `python -m lavis_ademvl.train --cfg-path X.yaml`,
+installed also as `python -m lavis.train` (lavis_ademvl_discovery.py)."""
 from __future__ import annotations
 
 import lavis_ademvl  # noqa: F401  (registers the model, data, task and runner)

@@ -2,6 +2,7 @@
 
 Differences from LAVIS 1.0.2's `runner_base` (each fixes a problem of that release):
 - the model is moved and wrapped once (the base `model` property returns None when it is already on the device);
+- `run.device: auto` means CUDA when available, also when LAVIS's own train.py starts the run;
 - no CUDA streams, `.cuda()` calls or barriers unless CUDA / a process group is in use;
 - gradient accumulation divides the loss and skips DDP's all-reduce between optimizer steps;
 - the lr scheduler learns the number of iterations per epoch (for per-iteration schedules);
@@ -34,6 +35,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.registration import register
 
 RUN_KEYS = frozenset(
@@ -86,6 +88,13 @@ class RunnerAdemVL(RunnerBase):
     @property
     def seed(self) -> int:
         return int(self.config.run_cfg.get("seed", 42))
+
+    @property
+    def device(self) -> torch.device:
+        # LAVIS's own train.py leaves `run.device: auto` as it is (our launcher resolves it); resolve it here too.
+        if self._device is None:
+            self._device = torch.device(resolve_device(self.config.run_cfg.get("device", "auto")))
+        return self._device
 
     @property
     def model(self) -> torch.nn.Module:
