@@ -376,3 +376,33 @@ def test_choices_name_their_allowed_values(build, message):
 def test_bad_scienceqa_settings_are_named(quirky_sqa, override, error, message):
     with pytest.raises(error, match=message):
         scienceqa_datasets(PROJECTS / "sqa.yaml", quirky_sqa, [override])
+
+
+def shipped_experiment_configs() -> list:
+    """Every experiment yaml under projects/ademvl (the ablation grids, lists of rows, are not experiments)."""
+    from omegaconf import OmegaConf
+
+    return sorted(path for path in PROJECTS.rglob("*.yaml") if "rows" not in OmegaConf.load(path))
+
+
+@pytest.mark.parametrize("cfg_path", shipped_experiment_configs(), ids=lambda path: str(path.relative_to(PROJECTS)))
+def test_every_shipped_experiment_config_is_valid(cfg_path):
+    """Model keys, the ScienceQA settings of both roles and every processor are accepted (no weights needed)."""
+    from lavis_ademvl.common.config_files import load_with_includes
+    from lavis_ademvl.models.ademvl import TRUNCATIONS, model_options
+
+    names = list(load_with_includes(cfg_path).get("datasets") or {})
+    config = load_config(cfg_path, [f"datasets.{name}.build_info.data_root=/unused" for name in names])
+    assert model_options(config.model)["truncation"] in TRUNCATIONS
+    for name in names:
+        dataset = config.datasets[name]
+        for kind in ("vis_processor", "text_processor"):
+            for role, cfg in (dataset.get(kind) or {}).items():
+                assert registry.get_processor_class(cfg.name).from_config(cfg) is not None, (name, kind, role)
+        if name == "scienceqa_mc":
+            builder = registry.get_builder_class(name)(dataset)
+            builder.check_keys()
+            for training in (True, False):
+                builder.question_format(training)
+                builder.uses_captions(training)
+    assert config.run.task

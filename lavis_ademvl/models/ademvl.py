@@ -517,7 +517,7 @@ class AdemVL(BaseModel):
         num_context = len(tok(context, add_special_tokens=False).input_ids)
         text_ids = tok(context + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
         ids = prefix + text_ids
-        labels = [-100] * (len(prefix) + num_context) + text_ids[num_context:]
+        labels = [-100] * len(prefix) + [-100 if index < num_context else token for index, token in enumerate(text_ids)]
         if len(ids) > self.max_len:
             self._warn_truncation("at their end (truncation='end'): the answer may be lost")
         return ids[: self.max_len], labels[: self.max_len]
