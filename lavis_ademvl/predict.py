@@ -1,67 +1,58 @@
-"""Answer a question about an image (or caption it) with a model trained by this project.
+"""Answer a question about an image (or caption it) with a trained ADEM-VL, exactly as its evaluation would.
 
   python -m lavis_ademvl.predict --cfg-path projects/ademvl/demo/sqa_smollm2.yaml \
       --checkpoint output/.../checkpoint_0.pth --image x.png --question "What shape is it?" --choices circle square
 
-The config is the one the checkpoint was trained with. Multiple-choice (`scienceqa_mc`) models need --choices and
-answer with a letter and its choice; other models answer the question with the config's VQA prompt, or caption the
-image when no question is given.
+The config is the one the checkpoint was trained or evaluated with. Multiple-choice (`scienceqa_mc`) models need
+--choices (--image is optional: a question without image, as in ScienceQA) and print the chosen option; the sample is
+built and answered by the same code as the task's evaluation (prompt style, text and image processors, answer format,
+inference method). Other models answer the question with the config's VQA prompt, or caption the image when no
+question is given.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
-import torch
 
 import lavis_ademvl  # noqa: F401  (registers processors)
 from lavis_ademvl.common.images import load_image
-from lavis_ademvl.common.inference import load_for_inference
-from lavis_ademvl.datasets.datasets.scienceqa_datasets import ANSWER_CUE, build_prompt, option_letters
-from lavis_ademvl.tasks.scienceqa import first_capital_letter
+from lavis_ademvl.common.inference import MULTIPLE_CHOICE_TASK, load_for_inference, question_batch
+from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
+from lavis_ademvl.tasks.scienceqa import answer_questions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg-path", required=True, help="the training config of the checkpoint")
-    parser.add_argument("--checkpoint", help="checkpoint_*.pth written by lavis_ademvl.train (default: none)")
-    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--cfg-path", required=True, help="the training (or evaluation) config of the checkpoint")
+    parser.add_argument("--checkpoint", help="a checkpoint written by lavis_ademvl.train or released by the authors")
+    parser.add_argument("--image", help="image file (optional for multiple-choice questions)")
     parser.add_argument("--question", help="question; none: caption the image")
     parser.add_argument("--choices", nargs="+", help="answer options, for multiple-choice models")
     parser.add_argument("--context", default="", help="hint text of a multiple-choice question")
+    parser.add_argument("--caption", default="", help="image caption for the context, when the config uses captions")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--options", nargs="+", default=[], help="config overrides, key=value")
     return parser.parse_args(argv)
 
 
 def predict(args: argparse.Namespace) -> str:
-    image = load_image(args.image)  # fail on a bad image before loading any weights
+    image = load_image(args.image) if args.image else None  # fail on a bad image before loading any weights
     model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
-    samples: dict[str, Any] = {"image": processor(image).unsqueeze(0).to(model.device), "has_image": torch.ones(1, dtype=torch.long)}
-    task = config.run.get("task", "")
-    if task == "scienceqa_mc":
-        if not args.question or not args.choices:
-            raise ValueError("this checkpoint answers multiple-choice questions: give --question and --choices")
-        problem = {"question": args.question, "choices": args.choices, "hint": args.context}
-        samples.update(text_input=[build_prompt(problem, config.datasets.scienceqa_mc.get("prompt_format", "QCM-A"))],
-                       answer_cue=ANSWER_CUE)
-        method = config.run.get("inference_method", "generate")
-        letters = option_letters(len(args.choices))
-        if method == "rank":
-            letter = model.predict_answers(samples, inference_method="rank", answer_list=[[f" {l}." for l in letters]])[0]
-        else:
-            letter = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=1)[0]
-        letter = first_capital_letter(letter)
-        return f"({letter}) {args.choices[letters.index(letter)]}" if letter in letters else f"no option chosen ({letter!r})"
-    if args.choices:
-        raise ValueError(f"--choices is for multiple-choice models; this config's task is {task!r}")
-    num_beams, max_len = int(config.run.get("num_beams", 5)), int(config.run.get("max_len", 30))
+    batch = question_batch(config, processor, image, args.question, args.choices, args.context, args.caption)
+    batch["image"] = batch["image"].to(model.device)
+    run = config.run
+    if run.get("task", "") == MULTIPLE_CHOICE_TASK:
+        outputs, predictions = answer_questions(model, batch, run.get("inference_method", "generate"))
+        letters = batch["choices"][0]
+        if predictions[0] not in letters:
+            return f"no option chosen ({outputs[0]!r})"
+        return f"({predictions[0]}) {args.choices[letters.index(predictions[0])]}"
+    num_beams, max_len = int(run.get("num_beams", 5)), int(run.get("max_len", 30))
     if args.question:
-        samples["text_input"] = [args.question]
-        prompt = config.run.get("prompt") or None
-        return model.predict_answers(samples, inference_method="generate", num_beams=num_beams, max_len=max_len, prompt=prompt)[0]
-    return model.generate(samples, num_beams=num_beams, max_length=max_len, min_length=int(config.run.get("min_len", 1)))[0]
+        prompt = run.get("prompt") or None
+        return model.predict_answers(batch, inference_method="generate", num_beams=num_beams, max_len=max_len, prompt=prompt)[0]
+    caption = model.generate(batch, num_beams=num_beams, max_length=max_len, min_length=int(run.get("min_len", 1)))[0]
+    return extract_caption(caption, compile_caption_pattern(run.get("caption_pattern")))  # as the caption task does
 
 
 def main(argv: list[str] | None = None) -> int:

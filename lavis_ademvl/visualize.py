@@ -1,10 +1,11 @@
 """Drop maps (paper Fig. 3): which visual features the adaptive drop keeps, at each scale, beside the image.
 
   python -m lavis_ademvl.visualize --cfg-path CONFIG [--checkpoint CKPT] --image x.png --question "..." \
-      [--layer all|N] --out maps.png
+      [--choices A B ...] [--layer all|N] --out maps.png
 
 For each decoder layer the text tokens' attention scores over the Nv visual features are thresholded as in
-training; a map cell shows the fraction of (text token, layer) pairs that keep that feature.
+training; a map cell shows the fraction of (text token, layer) pairs that keep that feature. The input is built as
+`predict` builds it (multiple-choice configs need --choices, and the chosen option is printed too).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 
 import lavis_ademvl  # noqa: F401  (registers processors)
 from lavis_ademvl.common.images import load_image
-from lavis_ademvl.common.inference import load_for_inference
+from lavis_ademvl.common.inference import MULTIPLE_CHOICE_TASK, load_for_inference, question_batch
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import activate, kept_mask
+from lavis_ademvl.tasks.scienceqa import answer_questions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-path", required=True)
     parser.add_argument("--checkpoint")
     parser.add_argument("--image", required=True)
-    parser.add_argument("--question", default="", help="prompt text (default: the model's prompt)")
+    parser.add_argument("--question", default="", help="question (default: none, the model's prompt alone)")
+    parser.add_argument("--choices", nargs="+", help="answer options, for multiple-choice models")
+    parser.add_argument("--context", default="", help="hint text of a multiple-choice question")
+    parser.add_argument("--caption", default="", help="image caption for the context, when the config uses captions")
     parser.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -90,16 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         image = load_image(args.image)
-        model, processor, _ = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
+        model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
         if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < len(model._decoder_layers())):
             raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{len(model._decoder_layers()) - 1}")
-        samples = {
-            "image": processor(image).unsqueeze(0).to(model.device),
-            "has_image": torch.ones(1, dtype=torch.long),
-            "text_input": [args.question or model.prompt],
-        }
+        samples = question_batch(config, processor, image, args.question, args.choices, args.context, args.caption)
+        samples["image"] = samples["image"].to(model.device)
         masks = kept_masks(model, samples)
         draw(image, masks, model.down_sample_num, args.layer, Path(args.out))
+        if config.run.get("task", "") == MULTIPLE_CHOICE_TASK:
+            outputs, predictions = answer_questions(model, samples, config.run.get("inference_method", "generate"))
+            print(f"answer: {predictions[0] or 'none'} ({outputs[0]!r})")
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,10 +9,12 @@ from PIL import Image
 
 SUBJECTS = ("natural science", "social science", "language science")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+SHAPE = "square"
 
 
-def make_scienceqa(root: Path, per_split: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Questions alternate: with image (colour of a square), with hint only, with both, with neither."""
+def make_scienceqa(root: Path, per_split: dict[str, int] | None = None, seed: int = 0, captions: bool = False) -> Path:
+    """Questions alternate: with image (colour of a square), with hint only, with both, with neither. `captions`:
+    also captions.json, with a caption for every question that has an image (as in the release)."""
     per_split = per_split or {"train": 16, "val": 8, "test": 8}
     rng = np.random.default_rng(seed)
     problems, pid_splits = {}, {}
@@ -52,4 +54,7 @@ def make_scienceqa(root: Path, per_split: dict[str, int] | None = None, seed: in
     root.mkdir(parents=True, exist_ok=True)
     (root / "problems.json").write_text(json.dumps(problems))
     (root / "pid_splits.json").write_text(json.dumps(pid_splits))
+    if captions:
+        written = {pid: f"A photo of a {SHAPE} on black." for pid, problem in problems.items() if problem["image"]}
+        (root / "captions.json").write_text(json.dumps({"captions": written}))
     return root

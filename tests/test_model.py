@@ -192,6 +192,20 @@ def test_answer_longer_than_max_len_is_an_error():
         model(batch)
 
 
+def test_truncation_end_keeps_room_for_the_new_tokens():
+    model = tiny_model(truncation="end", max_len=40)
+    batch = make_batch(2)
+    encoded = model.encode_batch(batch, with_answer=False, reserve=10)
+    assert encoded.input_ids.shape[1] == 30  # the prompt's start: 40 - 10 new tokens
+    full = tiny_model(truncation="end").encode_batch(batch, with_answer=False)
+    for row in range(2):
+        assert torch.equal(encoded.input_ids[row], full.input_ids[row][full.attention_mask[row].bool()][:30])
+    assert len(model.generate(batch, num_beams=1, max_length=10, min_length=10)) == 2
+    # bos + "Image: " + [cls] take 9 byte-level tokens: 20 - 15 leaves none for the prompt.
+    with pytest.raises(ValueError, match="max_len=20 leaves no room for the prompt when generating 15 tokens"):
+        tiny_model(truncation="end", max_len=20).generate(batch, num_beams=1, max_length=15)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

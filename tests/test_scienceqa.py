@@ -176,3 +176,10 @@ def test_unknown_run_key_is_named(sqa_root, tmp_path):
         check=False,
     )
     assert result.returncode != 0 and "unknown run config key(s) ['max_epochs']" in result.stderr
+
+
+def test_captions_file_is_read_only_for_the_roles_that_use_it(sqa_root):
+    datasets = build(sqa_root, build_info={"use_caption": {"train": False, "eval": False}})
+    assert set(datasets) == {"train", "val", "test"}
+    with pytest.raises(FileNotFoundError, match=f"captions file not found: {sqa_root / 'captions.json'}"):
+        build(sqa_root, build_info={"use_caption": {"train": False, "eval": True}})

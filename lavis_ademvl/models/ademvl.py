@@ -29,8 +29,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lavis_ademvl.common.checkpoints import load_checkpoint_file
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.models.authors_checkpoint import convert_authors_state_dict, is_authors_checkpoint
+from lavis_ademvl.models.authors_checkpoint import convert_authors_state_dict, describe_authors_run, is_authors_checkpoint
 from lavis_ademvl.models.fusion import (
     ACTIVATIONS,
     POOLINGS,
@@ -52,6 +53,9 @@ ADD_POINTS = ("attn_out", "mlp_out")
 QUANTIZATIONS = (None, "8bit", "4bit")
 LLM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CPU_DTYPES = ("float32", "bfloat16", "auto")  # float16 matmuls are slow or missing on CPUs
+# Sequences longer than max_len: `middle` (ours) cuts the prompt in its middle and keeps the image slot, answer cue
+# and answer; `end` (the authors') tokenizes prompt and answer as one string and cuts the whole sequence at its end.
+TRUNCATIONS = ("middle", "end")
 # The fused feature can only be added at or after the point its query is read.
 _POINT_ORDER = {"attn_in": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3}
 _POINT_MODULE = {"attn_in": "self_attn", "attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
@@ -64,7 +68,7 @@ MODEL_CONFIG_KEYS = frozenset(
         "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj", "adapter_dim",
         "adapter_scale", "adapter_dropout", "max_len", "image_prompt", "no_image_prompt", "prompt",
         "llm_gradient_checkpointing", "vision_gradient_checkpointing", "llm_quantization", "llm_device_map",
-        "cpu_dtype",
+        "cpu_dtype", "truncation",
     }
 )
 
@@ -112,8 +116,8 @@ class EncodedBatch:
 class AdemVL(BaseModel):
     """ADEM-VL on a Hugging Face causal LM and CLIP vision tower.
 
-    Samples: `image` [B,3,H,W], `has_image` [B] (0/1), `text_input` (prompt, may be truncated in its middle),
-    optional `answer_cue` (never truncated, e.g. "Answer: The answer is") and, for training, `text_output`.
+    Samples: `image` [B,3,H,W], `has_image` [B] (0/1), `text_input` (prompt), optional `answer_cue` (e.g. "Answer: The
+    answer is") and, for training, `text_output`; see `truncation` for what is cut from an over-long sequence.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -146,6 +150,7 @@ class AdemVL(BaseModel):
         adapter_scale: float = 0.1,
         adapter_dropout: float = 0.1,
         max_len: int = 512,
+        truncation: str = "middle",
         image_prompt: str = "Image: ",
         no_image_prompt: str = "Image: N/A",
         prompt: str = "",
@@ -160,6 +165,7 @@ class AdemVL(BaseModel):
         check_choice("add_to", add_to, ADD_POINTS)
         check_choice("pooling", pooling, POOLINGS)
         check_drop_ratio(drop_ratio)
+        check_choice("truncation", truncation, TRUNCATIONS)
         if _POINT_ORDER[add_to] < _POINT_ORDER[query_from]:
             raise ValueError(f"add_to={add_to!r} comes before query_from={query_from!r} inside a decoder layer")
         if fusion != "none" and vision_tower is None:
@@ -176,6 +182,7 @@ class AdemVL(BaseModel):
         self.num_visual_input_tokens = int(num_visual_input_tokens)
         self.alpha, self.beta, self.drop_ratio = float(alpha), float(beta), float(drop_ratio)
         self.max_len = int(max_len)
+        self.truncation = truncation
         self.image_prompt, self.no_image_prompt = image_prompt, no_image_prompt
         self.prompt = prompt
         self.llm_dtype = llm_dtype
@@ -321,13 +328,12 @@ class AdemVL(BaseModel):
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load trainable weights written by this project or released by the authors (mapped, see
         `authors_checkpoint`); any missing or unknown key is an error."""
-        if not os.path.isfile(url_or_filename):
-            raise FileNotFoundError(f"checkpoint file not found: {url_or_filename}")
-        checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(url_or_filename)
         state = checkpoint.get("model", checkpoint)
         if is_authors_checkpoint(state):
             num_used = len(self.vision_adapters) if self.vision_tower is not None else 0
             state = convert_authors_state_dict(state, num_used)
+            describe_authors_run(checkpoint, url_or_filename)
         self.load_trainable_state(state, source=url_or_filename)
         logging.info("loaded ADEM-VL checkpoint %s", url_or_filename)
 
@@ -462,10 +468,12 @@ class AdemVL(BaseModel):
 
     # ------------------------------------------------------------------ text side
 
-    def _encode_sample(self, prompt: str, cue: str, answer: str | None, with_slot: bool) -> tuple[list[int], int, list[int]]:
+    def _encode_sample(
+        self, prompt: str, cue: str, answer: str | None, with_slot: bool, reserve: int = 0
+    ) -> tuple[list[int], int, list[int]]:
         """Token ids, the index of the first image-slot token (-1 if none), and labels (-100 = no loss).
 
-        Layout: <bos>? image-prefix [slot] prompt cue answer <eos>. Only the prompt may be cut, in its middle.
+        Layout: <bos>? image-prefix [slot] prompt cue answer <eos>. `reserve`: tokens that generation will add.
         """
         tok = self.tokenizer
         prefix: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
@@ -475,6 +483,48 @@ class AdemVL(BaseModel):
             if with_slot:
                 slot_start = len(prefix)
                 prefix += [tok.pad_token_id] * self.slot_length
+        if self.truncation == "end":
+            input_ids, labels = self._encode_whole(prefix, prompt + cue, answer, reserve)
+        else:
+            input_ids, labels = self._encode_protected(prefix, prompt, cue, answer)
+        return input_ids, slot_start, labels
+
+    def _warn_truncation(self, where: str) -> None:
+        if not self._truncation_warned:
+            logging.warning("sequences longer than max_len=%d are cut %s", self.max_len, where)
+            self._truncation_warned = True
+
+    def _encode_whole(self, prefix: list[int], context: str, answer: str | None, reserve: int) -> tuple[list[int], list[int]]:
+        """truncation `end`, the authors' sequences: context and answer tokenized as ONE string, labels from as many
+        tokens as the context has alone; the whole sequence cut at max_len from its end (answer and eos may be lost).
+        Generation keeps the start: the prompt is cut so that `reserve` new tokens fit in max_len."""
+        tok = self.tokenizer
+        if answer is None:
+            # Trailing spaces are the answer's first token (a caption prompt "a picture of " is generated from
+            # "a picture of", as the authors do).
+            ids = prefix + tok(context.rstrip(), add_special_tokens=False).input_ids
+            limit = self.max_len - reserve
+            if limit <= len(prefix):
+                raise ValueError(
+                    f"max_len={self.max_len} leaves no room for the prompt when generating {reserve} tokens "
+                    f"(truncation='end'); raise model.max_len"
+                )
+            if len(ids) > limit:
+                self._warn_truncation("at their end (truncation='end')")
+            return ids[:limit], [-100] * min(len(ids), limit)
+        if self.max_len < len(prefix) + 1:
+            raise ValueError(f"max_len={self.max_len} cuts into the image prefix ({len(prefix)} tokens)")
+        num_context = len(tok(context, add_special_tokens=False).input_ids)
+        text_ids = tok(context + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = prefix + text_ids
+        labels = [-100] * len(prefix) + [-100 if index < num_context else token for index, token in enumerate(text_ids)]
+        if len(ids) > self.max_len:
+            self._warn_truncation("at their end (truncation='end'): the answer may be lost")
+        return ids[: self.max_len], labels[: self.max_len]
+
+    def _encode_protected(self, prefix: list[int], prompt: str, cue: str, answer: str | None) -> tuple[list[int], list[int]]:
+        """truncation `middle` (ours): only the prompt may be cut, in its middle; the cue and answer never are."""
+        tok = self.tokenizer
         # Trailing spaces belong to the answer's first token ("of" + " a", not "of " + "a"), so training and
         # generation see the same token boundary.
         context = (prompt + cue).rstrip()
@@ -499,14 +549,12 @@ class AdemVL(BaseModel):
                 f"max_len={self.max_len}: {(cue + (answer or ''))[:80]!r}"
             )
         if len(prompt_ids) > budget:
-            if not self._truncation_warned:
-                logging.warning("prompts longer than max_len=%d are cut in their middle", self.max_len)
-                self._truncation_warned = True
+            self._warn_truncation("in their prompt's middle (truncation='middle')")
             head = budget // 2
             prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head) :]
         input_ids = prefix + prompt_ids + protected
         labels = [-100] * (len(input_ids) - len(answer_ids)) + answer_ids
-        return input_ids, slot_start, labels
+        return input_ids, labels
 
     def sample_texts(
         self, samples: dict, with_answer: bool, prompt: str | None = None
@@ -536,12 +584,13 @@ class AdemVL(BaseModel):
         prompts = [_fill_prompt(template, q) for q in questions] if questions is not None else [template] * count
         return prompts, cues, [None] * count
 
-    def encode_batch(self, samples: dict, with_answer: bool, prompt: str | None = None) -> EncodedBatch:
-        """Tokenize, truncate and left-pad a batch (left padding keeps every sequence's last token aligned)."""
+    def encode_batch(self, samples: dict, with_answer: bool, prompt: str | None = None, reserve: int = 0) -> EncodedBatch:
+        """Tokenize, truncate and left-pad a batch (left padding keeps every sequence's last token aligned);
+        `reserve`: the number of tokens generation will add."""
         prompts, cues, answers = self.sample_texts(samples, with_answer, prompt)
         has_image = _has_image(samples, len(prompts))
         encoded = [
-            self._encode_sample(p, c, a, bool(h) and self.fusion != "none")
+            self._encode_sample(p, c, a, bool(h) and self.fusion != "none", reserve)
             for p, c, a, h in zip(prompts, cues, answers, has_image.tolist())
         ]
         length = max(len(ids) for ids, _, _ in encoded)
@@ -588,7 +637,7 @@ class AdemVL(BaseModel):
         token). Generation returns the new token ids instead. `visual` passes (keys, values, slots) already
         computed for these rows, e.g. shared by several candidates.
         """
-        encoded = self.encode_batch(samples, with_answer, prompt)
+        encoded = self.encode_batch(samples, with_answer, prompt, reserve=generate_kwargs.get("max_new_tokens", 0))
         with self._autocast():
             if visual is None:
                 has_image = _has_image(samples, encoded.input_ids.shape[0]).to(self.device)
@@ -699,7 +748,7 @@ class AdemVL(BaseModel):
             chunk_visual = tuple(None if t is None else t[device_rows] for t in visual)
             logits, encoded = self._run_llm(expanded, with_answer=True, visual=chunk_visual)
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = encoded.labels[:, 1 - logits.shape[1] :]
+            targets = encoded.labels[:, encoded.labels.shape[1] + 1 - logits.shape[1] :]
             token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             flat_scores += (token_logprobs * (targets != -100)).sum(-1).tolist()
         scores, start = [], 0
@@ -786,6 +835,7 @@ def model_options(cfg: DictConfig) -> dict[str, Any]:
         "adapter_scale": cfg.get("adapter_scale", 0.1),
         "adapter_dropout": cfg.get("adapter_dropout", 0.1),
         "max_len": cfg.get("max_len", 512),
+        "truncation": cfg.get("truncation", "middle"),
         "image_prompt": cfg.get("image_prompt", "Image: "),
         "no_image_prompt": cfg.get("no_image_prompt", "Image: N/A"),
         "prompt": cfg.get("prompt", ""),
@@ -845,11 +895,10 @@ def _per_sample(value: str | Sequence[str], count: int) -> list[str]:
 
 
 def labelled_columns(labels: torch.Tensor) -> int:
-    """How many of the last columns of a left-padded [B, L] label batch hold a label (not -100) in some row."""
+    """How many of the last columns of a left-padded [B, L] label batch hold a label (not -100) in some row; 0 when
+    none does (truncation 'end' may cut every answer of a batch away)."""
     columns = (labels != -100).any(dim=0).nonzero()
-    if columns.numel() == 0:
-        raise ValueError("the batch has no answer token to learn from")
-    return labels.shape[1] - int(columns[0])
+    return labels.shape[1] - int(columns[0]) if columns.numel() else 0
 
 
 def last_columns(hidden: torch.Tensor, count: int) -> torch.Tensor:
@@ -861,8 +910,13 @@ def last_columns(hidden: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of labels [B, L] (-100 = none) under logits [B, K, vocab] of the last K positions."""
-    targets = labels[:, 1 - logits.shape[1] :]
+    """Mean cross-entropy of labels [B, L] (-100 = none) under logits [B, K, vocab] of the last K positions.
+
+    A batch without any label left (truncation 'end') gives zero, still connected to every trainable parameter
+    (DDP needs each one to receive a gradient)."""
+    if logits.shape[1] == 1:
+        return logits.sum() * 0.0
+    targets = labels[:, labels.shape[1] + 1 - logits.shape[1] :]
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 

@@ -1,18 +1,23 @@
 """Reading the ADEM-VL authors' released checkpoints (`checkpoint_7B_{sqa,caption,instruction}.pth`).
 
-Their files hold {"model": state_dict} with, possibly behind a DDP `module.` prefix:
+Their `util/misc.py` `save_model` writes {"model", "optimizer", "epoch", "scaler", "args" (an argparse.Namespace of
+their train.py arguments)}; `common.checkpoints.load_checkpoint_file` reads it with weights_only=True. "model" holds
+every parameter whose name contains "adapter", behind the DDP `module.` prefix when trained on several GPUs:
   adapter_emb1, adapter_emb2                        [1, Nv, d]       -> visual_key_offset, visual_value_offset
   adapter_proj.fc1.{weight,bias}, .fc2.*            W'               -> visual_proj.0.*, visual_proj.2.*
   adapter_proj_cls.fc1.*, .fc2.*                    [cls] projection -> cls_proj.0.*, cls_proj.2.*
   backbone.visual.transformer.resblocks.{i}.adapter_mlp.fc{1,2}.weight (OpenAI-CLIP block i = Hugging Face layer i)
                                                                      -> vision_adapters.{i}.fc{1,2}.weight
 Their last CLIP block's adapter was saved but never used (its output is not read): it is skipped, and said so.
-Their images were normalised with ImageNet statistics: evaluate them with `normalize: imagenet`.
+Their ScienceQA and instruction images were normalised with ImageNet statistics, their COCO ones with CLIP's:
+projects/ademvl/authors/ holds the evaluation configs that feed each checkpoint what it was trained on.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import re
+from typing import Any
 
 import torch
 
@@ -20,6 +25,9 @@ _PROJECTIONS = {"adapter_proj": "visual_proj", "adapter_proj_cls": "cls_proj"}
 _LINEAR_INDEX = {"fc1": "0", "fc2": "2"}
 _VISION_ADAPTER = re.compile(r"^backbone\.visual\.transformer\.resblocks\.(\d+)\.adapter_mlp\.(fc[12])\.weight$")
 _PROJECTION = re.compile(r"^(adapter_proj|adapter_proj_cls)\.(fc[12])\.(weight|bias)$")
+# The train.py arguments that decide what text and sequences the checkpoint saw.
+_TRAINING_ARGS = ("dataset", "prompt_format", "use_caption", "max_seq_len", "adapter_dim", "down_sample_num",
+                  "alpha", "beta", "drop_ratio", "no_cls")
 
 
 def is_authors_checkpoint(state: dict[str, torch.Tensor]) -> bool:
@@ -53,3 +61,14 @@ def convert_authors_state_dict(state: dict[str, torch.Tensor], num_used_vision_l
     if skipped:
         logging.info("skipped the authors' adapter of the last CLIP block, which their model never used: %s", skipped)
     return converted
+
+
+def describe_authors_run(checkpoint: dict[str, Any], source: str) -> None:
+    """Log the epoch and the training arguments an authors' checkpoint was saved with, when it holds them."""
+    args = checkpoint.get("args")
+    settings = {}
+    if isinstance(args, argparse.Namespace):
+        settings = {name: getattr(args, name) for name in _TRAINING_ARGS if hasattr(args, name)}
+    logging.info(
+        "authors' checkpoint %s, epoch %s, trained with %s", source, checkpoint.get("epoch", "?"), settings or "unknown arguments"
+    )

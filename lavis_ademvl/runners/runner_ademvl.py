@@ -8,7 +8,8 @@ Differences from LAVIS 1.0.2's `runner_base` (each fixes a problem of that relea
 - the lr scheduler learns the number of iterations per epoch (for per-iteration schedules);
 - the data order and random state depend only on (seed, rank, epoch), and every epoch writes
   `checkpoint_latest.pth`, so a resumed run continues exactly where the interrupted one stopped;
-- checkpoints hold the trainable weights only and load with `weights_only=True`; a missing trainable key is an error;
+- checkpoints hold the trainable weights only and load with `weights_only=True` (`common.checkpoints`); a missing
+  trainable key is an error;
 - `output_dir` is relative to the working directory, and a resumed run keeps writing to its checkpoint's folder.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lavis_ademvl.common.checkpoints import load_checkpoint_file
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.registration import register
 
@@ -48,7 +50,7 @@ RUN_KEYS = frozenset(
         "dist_url", "distributed", "gpu", "rank", "dist_backend", "log_freq", "use_dist_eval_sampler",
         "max_len", "min_len", "num_beams", "num_ans_candidates", "inference_method", "prompt", "report_metric",
         # runner_ademvl
-        "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files",
+        "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files", "caption_pattern",
     }
 )
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
@@ -296,9 +298,7 @@ class RunnerAdemVL(RunnerBase):
         return model
 
     def _load_checkpoint(self, url_or_filename: str) -> None:
-        if not os.path.isfile(url_or_filename):
-            raise FileNotFoundError(f"run.resume_ckpt_path: checkpoint file not found: {url_or_filename}")
-        checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(url_or_filename, what="run.resume_ckpt_path: checkpoint")
         self.unwrap_dist_model(self.model).load_trainable_state(checkpoint["model"], source=url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):

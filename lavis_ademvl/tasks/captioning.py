@@ -4,12 +4,17 @@ LAVIS 1.0.2 downloads the Karpathy ground truth at evaluation time and runs COCO
 CoreNLP; tokenizer and METEOR need Java). This task takes the ground truth from local files
 (`run.caption_gt_files: {val: ..., test: ...}`, COCO format) or, when none is given for a split, from the
 evaluation dataset's own annotations, and scores with `caption_metrics.score_captions`.
+
+`run.caption_pattern` (a regular expression with one group) keeps only part of each generated text, as the
+authors' eval_caption.py does: their model continues "a picture of" with "a picture of <caption>" (it was trained on
+that repeated prompt), and they keep the text after "picture of"; a text that does not match is kept whole.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,24 @@ def load_coco_ground_truth(path: str) -> dict[int, list[str]]:
     return references
 
 
+def compile_caption_pattern(pattern: str | None) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"run.caption_pattern={pattern!r} is not a regular expression: {error}") from error
+    if compiled.groups != 1:
+        raise ValueError(f"run.caption_pattern={pattern!r} needs exactly one group, the caption; it has {compiled.groups}")
+    return compiled
+
+
+def extract_caption(text: str, pattern: re.Pattern | None) -> str:
+    """The pattern's group in the first match, else the whole text (the authors' eval_caption.py rule)."""
+    match = pattern.search(text) if pattern is not None else None
+    return match.group(1) if match else text
+
+
 @register("task", "ademvl_captioning")
 class OfflineCaptionTask(CaptionTask):
     def __init__(
@@ -52,8 +75,10 @@ class OfflineCaptionTask(CaptionTask):
         report_metric: bool = True,
         caption_metrics: list[str] | None = None,
         ground_truth_files: dict[str, str] | None = None,
+        caption_pattern: str | None = None,
     ) -> None:
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric)
+        self.caption_pattern = compile_caption_pattern(caption_pattern)
         self.caption_metrics = list(caption_metrics or DEFAULT_CAPTION_METRICS)
         for metric in self.caption_metrics:
             check_choice("run.caption_metrics entry", metric, CAPTION_METRICS)
@@ -74,7 +99,17 @@ class OfflineCaptionTask(CaptionTask):
             report_metric=run_cfg.get("report_metric", True),
             caption_metrics=list(run_cfg.get("caption_metrics", DEFAULT_CAPTION_METRICS)),
             ground_truth_files=dict(run_cfg.get("caption_gt_files") or {}),
+            caption_pattern=run_cfg.get("caption_pattern"),
         )
+
+    def valid_step(self, model: Any, samples: dict) -> list[dict]:
+        captions = model.generate(
+            samples, use_nucleus_sampling=False, num_beams=self.num_beams, max_length=self.max_len, min_length=self.min_len
+        )
+        return [
+            {"caption": extract_caption(caption, self.caption_pattern), "image_id": int(image_id)}
+            for caption, image_id in zip(captions, samples["image_id"])
+        ]
 
     def build_datasets(self, cfg: Any) -> dict:
         datasets = super().build_datasets(cfg)

@@ -37,6 +37,29 @@ def matching_option(text: str, letters: list[str], options: list[str]) -> str:
     return prefixes[-1][1] if prefixes else ""
 
 
+def answer_questions(model: Any, samples: dict, inference_method: str) -> tuple[list[str], list[str]]:
+    """(model outputs, predicted letters) for a batch made by the dataset's ScienceQASampleMaker: the one answering
+    path of evaluation, `predict` and `visualize`.
+
+    rank: the most likely candidate (never fails). generate, letter answers: one greedy token, its first capital
+    letter ("" = wrong, like the authors' "FAILED"); text answers: up to MAX_TEXT_ANSWER_TOKENS greedy tokens, matched
+    to an option's text.
+    """
+    check_choice("run.inference_method", inference_method, INFERENCE_METHODS)
+    if inference_method == "rank":
+        outputs = model.predict_answers(samples, inference_method="rank", answer_list=samples["candidates"])
+        predictions = [letters[candidates.index(output)] for letters, candidates, output
+                       in zip(samples["choices"], samples["candidates"], outputs)]
+    elif samples["answer_format"][0] == "letter":
+        outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=1)
+        predictions = [first_capital_letter(output) for output in outputs]
+    else:
+        outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=MAX_TEXT_ANSWER_TOKENS)
+        predictions = [matching_option(output, letters, options) for output, letters, options
+                       in zip(outputs, samples["choices"], samples["options"])]
+    return outputs, predictions
+
+
 def _grade_number(grade: str) -> int | None:
     match = re.search(r"\d+", str(grade))
     return int(match.group(0)) if match else None
@@ -98,18 +121,7 @@ class ScienceQAMCTask(BaseTask):
         return cls(inference_method=cfg.run_cfg.get("inference_method", "generate"))
 
     def valid_step(self, model: Any, samples: dict) -> list[dict]:
-        letter_format = samples["answer_format"][0] == "letter"
-        if self.inference_method == "rank":
-            outputs = model.predict_answers(samples, inference_method="rank", answer_list=samples["candidates"])
-            predictions = [letters[candidates.index(output)] for letters, candidates, output
-                           in zip(samples["choices"], samples["candidates"], outputs)]
-        elif letter_format:
-            outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=1)
-            predictions = [first_capital_letter(output) for output in outputs]
-        else:
-            outputs = model.predict_answers(samples, inference_method="generate", num_beams=1, max_len=MAX_TEXT_ANSWER_TOKENS)
-            predictions = [matching_option(output, letters, options) for output, letters, options
-                           in zip(outputs, samples["choices"], samples["options"])]
+        outputs, predictions = answer_questions(model, samples, self.inference_method)
         return [
             {
                 "question_id": samples["question_id"][row],

@@ -5,18 +5,26 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from omegaconf import DictConfig
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.datasets.datasets.scienceqa_datasets import ANSWER_FORMATS, PROMPT_FORMATS, ScienceQADataset
-from lavis_ademvl.models.fusion import check_choice
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import (
+    QuestionFormat,
+    ScienceQADataset,
+    ScienceQASampleMaker,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "scienceqa_mc"
-DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "prompt_format", "answer_format", "type"}
+DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "prompt_style", "prompt_format",
+                "answer_format", "type"}
 BUILD_INFO_KEYS = {"data_root", "splits", "use_caption"}
 IMAGE_FOLDERS = ("train", "val", "test")
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
+# Keys that may differ between the training split and the evaluation splits ({train: .., eval: ..}).
+SPLIT_ROLES = ("train", "eval")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -27,6 +35,15 @@ def _read_json(path: Path, what: str) -> dict:
             return json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"ScienceQA {what} {path} is not valid JSON: {error}") from error
+
+
+def for_split(value: Any, key: str, training: bool) -> Any:
+    """A setting given once (`CQM-A`) or per role (`{train: CQM-A, eval: QCM-A}`; eval = every other split)."""
+    if not isinstance(value, (dict, DictConfig)):
+        return value
+    if set(value.keys()) != set(SPLIT_ROLES):
+        raise KeyError(f"datasets.scienceqa_mc.{key} per split needs exactly the keys {list(SPLIT_ROLES)}, got {sorted(value.keys())}")
+    return value["train" if training else "eval"]
 
 
 @register("builder", "scienceqa_mc")
@@ -45,16 +62,43 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
         # Local files only: every rank reads them, nothing to download or wait for.
         return self.build()
 
-    def build(self) -> dict[str, ScienceQADataset]:
+    def check_keys(self) -> None:
         unknown = sorted(set(self.config.keys()) - DATASET_KEYS)
-        build_info = self.config.build_info
+        build_info = self.config.get("build_info") or {}
         unknown += sorted(f"build_info.{key}" for key in set(build_info.keys()) - BUILD_INFO_KEYS)
         if unknown:
-            raise KeyError(f"unknown scienceqa_mc config key(s) {unknown}")
-        prompt_format = self.config.get("prompt_format", "QCM-A")
-        check_choice("datasets.scienceqa_mc.prompt_format", prompt_format, PROMPT_FORMATS)
-        answer_format = self.config.get("answer_format", "letter")
-        check_choice("datasets.scienceqa_mc.answer_format", answer_format, ANSWER_FORMATS)
+            raise KeyError(f"unknown scienceqa_mc config key(s) {unknown}; known keys: {sorted(DATASET_KEYS)}, "
+                           f"build_info: {sorted(BUILD_INFO_KEYS)}")
+
+    def question_format(self, training: bool) -> QuestionFormat:
+        """The training split's or the evaluation splits' question format, from the config (errors name the key)."""
+        values = {
+            key: for_split(self.config.get(key, default), key, training)
+            for key, default in (("prompt_style", "ours"), ("prompt_format", "QCM-A"), ("answer_format", "letter"))
+        }
+        try:
+            return QuestionFormat(**values, training=training)
+        except ValueError as error:
+            raise ValueError(f"datasets.scienceqa_mc.{error}") from error
+
+    def uses_captions(self, training: bool) -> bool:
+        value = for_split((self.config.get("build_info") or {}).get("use_caption", False), "build_info.use_caption", training)
+        if not isinstance(value, bool):
+            raise ValueError(f"datasets.scienceqa_mc.build_info.use_caption={value!r} must be true or false (or per split)")
+        return value
+
+    def sample_maker(self, training: bool) -> ScienceQASampleMaker:
+        """What turns a problem (and image, caption) into a sample of the training or the evaluation splits; call
+        build_processors() first."""
+        role = "train" if training else "eval"
+        return ScienceQASampleMaker(self.question_format(training), self.vis_processors[role], self.text_processors[role])
+
+    def build(self) -> dict[str, ScienceQADataset]:
+        self.check_keys()
+        build_info = self.config.build_info
+        for training in (True, False):
+            self.question_format(training)  # every setting is checked before any file is read
+            self.uses_captions(training)
         if not build_info.get("data_root"):
             raise ValueError(
                 "datasets.scienceqa_mc.build_info.data_root is not set; point it at the folder holding "
@@ -65,13 +109,13 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
             raise FileNotFoundError(f"ScienceQA data_root is not a folder: {root}")
         problems = _read_json(root / "problems.json", "problems file")
         pid_splits = _read_json(root / "pid_splits.json", "split file")
+        splits = build_info.get("splits") or DEFAULT_SPLITS
         captions = None
-        if build_info.get("use_caption", False):
+        if any(self.uses_captions(split == "train") for split in splits):
             captions = _read_json(root / "captions.json", "captions file").get("captions", {})
 
         self.build_processors()
         datasets = {}
-        splits = build_info.get("splits") or DEFAULT_SPLITS
         for split, source_split in splits.items():
             if source_split not in pid_splits:
                 raise KeyError(f"split {source_split!r} (for {split}) is not in {root / 'pid_splits.json'}: {sorted(pid_splits)}")
@@ -81,18 +125,15 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
             missing = [pid for pid in pids if pid not in problems]
             if missing:
                 raise KeyError(f"{len(missing)} pids of split {source_split!r} are not in problems.json, e.g. {missing[:5]}")
-            is_train = split == "train"
+            training = split == "train"
             datasets[split] = ScienceQADataset(
                 problems=problems,
                 pids=pids,
                 image_paths=self._image_paths(root, problems, pids),
-                vis_processor=self.vis_processors["train" if is_train else "eval"],
-                text_processor=self.text_processors["train" if is_train else "eval"],
-                prompt_format=prompt_format,
-                captions=captions,
-                answer_format=answer_format,
+                make_sample=self.sample_maker(training),
+                captions=captions if self.uses_captions(training) else None,
             )
-            logging.info("ScienceQA %s (%s): %d questions", split, source_split, len(pids))
+            logging.info("ScienceQA %s (%s): %d questions, %s", split, source_split, len(pids), self.question_format(training))
         return datasets
 
     @staticmethod

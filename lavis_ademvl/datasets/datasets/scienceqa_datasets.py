@@ -4,10 +4,19 @@ data_root/problems.json     pid -> {question, choices, answer, hint, image (file
 data_root/pid_splits.json   split name -> [pid, ...]
 data_root/captions.json     optional: {"captions": {pid: caption}}
 data_root/images/<split>/<pid>/<image>
+
+Two ways to write a question (`prompt_style`), each in the QCM (question, context, options) or CQM order:
+- `authors`: the ADEM-VL authors' text, character for character. Training: "Question: ...\\nContext: ...\\nOptions: (A) ..
+  (B) ..\\nResponse:" followed, with no space, by "The answer is B." (the loss covers that answer and the end of
+  sequence). Evaluation: the same prompt and the cue "The answer is", then " B." (one greedy token, or each option
+  scored). No text clean-up besides theirs (one pass of "  " -> " ", then a strip); the text processor is not used.
+- `ours`: the question block cleaned by the dataset's text processor, the cue "Answer: The answer is", then " B.".
+`answer_format: text` puts the option's text where the letter goes ("The answer is teal.").
 """
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,10 +26,13 @@ from torch.utils.data import Dataset
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.models.fusion import check_choice
 
+PROMPT_STYLES = ("authors", "ours")
 PROMPT_FORMATS = ("QCM-A", "CQM-A")
-# What follows ANSWER_CUE: the option letter (the paper's protocol) or the option's text.
+# What follows the answer cue: the option letter (the paper's protocol) or the option's text.
 ANSWER_FORMATS = ("letter", "text")
-ANSWER_CUE = "Answer: The answer is"
+ANSWER_CUE = "Answer: The answer is"  # ours
+AUTHORS_RESPONSE = "Response:"  # ends the authors' prompt
+AUTHORS_ANSWER_LEAD = "The answer is"  # starts the authors' answer: learned in training, the cue at evaluation
 OPTION_LETTERS = string.ascii_uppercase
 
 
@@ -29,79 +41,147 @@ def option_letters(num_choices: int) -> list[str]:
 
 
 def answer_text(answer: str) -> str:
-    """The training target after ANSWER_CUE (a letter or an option's text); rank inference scores these strings."""
+    """What follows the answer cue (a letter or an option's text); rank inference scores these strings."""
     return f" {answer}."
 
 
-def build_prompt(problem: dict, prompt_format: str, caption: str = "", clean: Callable[[str], str] = str.strip) -> str:
-    """The question/context/options block that precedes ANSWER_CUE (the authors' QCM / CQM inputs)."""
-    check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
-    question = clean(problem["question"])
-    context = " ".join(part for part in (clean(problem.get("hint") or ""), clean(caption)) if part) or "N/A"
-    options = " ".join(f"({letter}) {clean(str(choice))}" for letter, choice in zip(OPTION_LETTERS, problem["choices"]))
+def _layout(prompt_format: str, question: str, context: str, options: str) -> str:
     if prompt_format == "QCM-A":
         return f"Question: {question}\nContext: {context}\nOptions: {options}\n"
     return f"Context: {context}\nQuestion: {question}\nOptions: {options}\n"
 
 
+def _options(choices: list[Any], clean: Callable[[str], str]) -> str:
+    return " ".join(f"({letter}) {clean(str(choice))}" for letter, choice in zip(OPTION_LETTERS, choices))
+
+
+def build_prompt(problem: dict, prompt_format: str, caption: str = "", clean: Callable[[str], str] = str.strip) -> str:
+    """Our question/context/options block (each part cleaned by `clean`), which precedes ANSWER_CUE."""
+    check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
+    context = " ".join(part for part in (clean(problem.get("hint") or ""), clean(caption)) if part) or "N/A"
+    return _layout(prompt_format, clean(problem["question"]), context, _options(problem["choices"], clean))
+
+
+def _authors_cleanup(text: str) -> str:
+    """The only clean-up the authors apply: one (non-repeated) pass of "  " -> " ", then strip."""
+    return text.replace("  ", " ").strip()
+
+
+def authors_prompt(problem: dict, prompt_format: str, caption: str = "") -> str:
+    """The authors' prompt: context = hint and caption joined by a space and stripped (or "N/A"), the block in
+    `prompt_format` order, "Response:" after it, then their clean-up over the whole (which also drops the line break
+    they put in front)."""
+    check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
+    context = " ".join([problem.get("hint") or "", caption]).strip() or "N/A"
+    block = _layout(prompt_format, problem["question"], context, _options(problem["choices"], str))
+    return _authors_cleanup("\n" + block + AUTHORS_RESPONSE)
+
+
+@dataclass(frozen=True)
+class QuestionFormat:
+    """How the questions of one split are written (see the module docstring)."""
+
+    prompt_style: str = "ours"
+    prompt_format: str = "QCM-A"
+    answer_format: str = "letter"
+    training: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
+        check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
+
+
+class ScienceQASampleMaker:
+    """One ScienceQA question -> one sample: the image through the image processor (a blank placeholder and
+    has_image = 0 without image), the texts in the split's QuestionFormat. The dataset and `predict` both use it."""
+
+    def __init__(
+        self,
+        question_format: QuestionFormat,
+        vis_processor: Callable[[Image.Image], torch.Tensor],
+        text_processor: Callable[[str], str],
+        placeholder_size: int = 224,
+    ) -> None:
+        self.format = question_format
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.placeholder = Image.new("RGB", (placeholder_size, placeholder_size))
+
+    def texts(self, problem: dict, caption: str = "") -> dict[str, Any]:
+        """The text fields: text_input + answer_cue + each candidate is a complete sequence; text_output is the
+        training target (the correct candidate, "" when the problem has no answer)."""
+        fmt = self.format
+        letters = option_letters(len(problem["choices"]))
+        authors = fmt.prompt_style == "authors"
+        clean = str if authors else self.text_processor
+        options = [clean(str(choice)) for choice in problem["choices"]]
+        answers = letters if fmt.answer_format == "letter" else options
+        if not authors:
+            prompt, cue = build_prompt(problem, fmt.prompt_format, caption, clean), ANSWER_CUE
+            candidates = [answer_text(answer) for answer in answers]
+        elif fmt.training:  # the authors learn "The answer is B." right after "Response:"
+            prompt, cue = authors_prompt(problem, fmt.prompt_format, caption), ""
+            candidates = [_authors_cleanup(f"{AUTHORS_ANSWER_LEAD}{answer_text(answer)}") for answer in answers]
+        else:
+            prompt, cue = authors_prompt(problem, fmt.prompt_format, caption), AUTHORS_ANSWER_LEAD
+            candidates = [answer_text(answer) for answer in answers]
+        index = problem.get("answer")
+        return {
+            "text_input": prompt,
+            "answer_cue": cue,
+            "text_output": "" if index is None else candidates[int(index)],
+            "choices": letters,
+            "options": options,
+            "candidates": candidates,
+            "answer_format": fmt.answer_format,
+            "answer": "" if index is None else letters[int(index)],
+        }
+
+    def __call__(self, problem: dict, image: Image.Image | None, caption: str = "") -> dict[str, Any]:
+        return {
+            "image": self.vis_processor(self.placeholder if image is None else image),
+            "has_image": int(image is not None),
+            **self.texts(problem, caption),
+            "subject": problem.get("subject", ""),
+            "grade": problem.get("grade", ""),
+            "has_context": int(bool((problem.get("hint") or "").strip())),
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch: lists per field, images stacked, has_image a tensor."""
+    batch: dict[str, Any] = {key: [item[key] for item in items] for key in items[0]}
+    batch["image"] = torch.stack(batch["image"])
+    batch["has_image"] = torch.tensor(batch["has_image"], dtype=torch.long)
+    return batch
+
+
 class ScienceQADataset(Dataset):
-    """One multiple-choice question per item; text-only questions get a blank image and has_image = 0."""
+    """One multiple-choice question per item, made by a ScienceQASampleMaker."""
 
     def __init__(
         self,
         problems: dict[str, dict],
         pids: list[str],
         image_paths: dict[str, str],
-        vis_processor: Callable[[Image.Image], torch.Tensor],
-        text_processor: Callable[[str], str],
-        prompt_format: str = "QCM-A",
+        make_sample: ScienceQASampleMaker,
         captions: dict[str, str] | None = None,
-        placeholder_size: int = 224,
-        answer_format: str = "letter",
     ) -> None:
-        check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
-        check_choice("answer_format", answer_format, ANSWER_FORMATS)
-        self.answer_format = answer_format
         self.problems = problems
         self.pids = pids
         self.image_paths = image_paths
-        self.vis_processor = vis_processor
-        self.text_processor = text_processor
-        self.prompt_format = prompt_format
+        self.make_sample = make_sample
         self.captions = captions or {}
-        self.placeholder = Image.new("RGB", (placeholder_size, placeholder_size))
 
     def __len__(self) -> int:
         return len(self.pids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pid = self.pids[index]
-        problem = self.problems[pid]
-        has_image = pid in self.image_paths
-        image = load_image(self.image_paths[pid], f"of ScienceQA question {pid}") if has_image else self.placeholder
-        letters = option_letters(len(problem["choices"]))
-        answer = letters[int(problem["answer"])]
-        options = [self.text_processor(str(choice)) for choice in problem["choices"]]
-        candidates = [answer_text(c) for c in (letters if self.answer_format == "letter" else options)]
-        return {
-            "image": self.vis_processor(image),
-            "has_image": int(has_image),
-            "text_input": build_prompt(problem, self.prompt_format, self.captions.get(pid, ""), self.text_processor),
-            "answer_cue": ANSWER_CUE,
-            "text_output": candidates[int(problem["answer"])],
-            "choices": letters,
-            "options": options,
-            "candidates": candidates,
-            "answer_format": self.answer_format,
-            "answer": answer,
-            "question_id": pid,
-            "subject": problem.get("subject", ""),
-            "grade": problem.get("grade", ""),
-            "has_context": int(bool((problem.get("hint") or "").strip())),
-        }
+        image = load_image(self.image_paths[pid], f"of ScienceQA question {pid}") if pid in self.image_paths else None
+        sample = self.make_sample(self.problems[pid], image, self.captions.get(pid, ""))
+        return {**sample, "question_id": pid}
 
     def collater(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {key: [item[key] for item in items] for key in items[0]}
-        batch["image"] = torch.stack(batch["image"])
-        batch["has_image"] = torch.tensor(batch["has_image"], dtype=torch.long)
-        return batch
+        return collate(items)
