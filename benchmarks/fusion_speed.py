@@ -27,7 +27,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lavis_ademvl.models.ademvl import AdemVL, answer_loss, labelled_columns, last_columns
+from lavis_ademvl.models.ademvl import AdemVL, answer_loss
+from lavis_ademvl.models.config import AdemVLConfig
+from lavis_ademvl.models.processing import labelled_columns, last_columns
 
 
 @dataclass
@@ -84,7 +86,8 @@ def build_variants(shape: Shape, device: torch.device) -> tuple[LlamaForCausalLM
     for fusion in ("none", "adem", "prefix"):
         # One tower per variant: a tower's adapters are attached to it for good.
         tower = CLIPVisionModel(CLIPVisionConfig(**shape.vision)).to(device, shape.dtype) if fusion != "none" else None
-        model = AdemVL(llm, tokenizer, tower, fusion=fusion, down_sample_num=shape.down_sample_num, llm_dtype=shape.dtype)
+        config = AdemVLConfig(fusion=fusion, down_sample_num=shape.down_sample_num)
+        model = AdemVL(llm, tokenizer, tower, config, compute_dtype=shape.dtype)
         variants[fusion] = model.to(device).train()
     return llm, variants
 
@@ -110,7 +113,7 @@ def llm_step(llm: LlamaForCausalLM, variant: AdemVL, batch: dict) -> Callable[[]
 
     def step() -> None:
         embeds = llm.get_input_embeddings()(encoded.input_ids).detach().requires_grad_(True)
-        with variant._autocast():
+        with variant.autocast():
             logits = llm(inputs_embeds=embeds, attention_mask=encoded.attention_mask, position_ids=encoded.position_ids,
                          use_cache=False, logits_to_keep=last_columns(embeds, keep)).logits
         answer_loss(logits, encoded.labels).backward()

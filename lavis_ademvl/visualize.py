@@ -45,17 +45,14 @@ def kept_masks(model: AdemVL, samples: dict) -> torch.Tensor:
     """[layers, T, Nv] boolean: the visual features each text token keeps in each decoder layer (sample 0)."""
     if model.fusion != "adem":
         raise ValueError(f"drop maps need fusion='adem' (the config has fusion={model.fusion!r})")
+    config = model.config
     masks: list[torch.Tensor] = []
-    module_name = "self_attn" if model.query_from == "attn_in" else "mlp"
 
-    def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        query = kwargs.get("hidden_states", args[0] if args else None)
-        keys, _ = model._memory
-        scores = torch.matmul(activate(query, model.activation), keys.transpose(-1, -2))
-        masks.append(kept_mask(scores, model.drop_ratio)[0])
+    def observe(layer: int, query: torch.Tensor, keys: torch.Tensor) -> None:
+        scores = torch.matmul(activate(query, config.activation), keys.transpose(-1, -2))
+        masks.append(kept_mask(scores, config.drop_ratio)[0])
 
-    layers = model._decoder_layers()
-    handles = [getattr(layer, module_name).register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+    handles = model.fusion_memory.observe_queries(observe)
     try:
         model.next_token_logprobs(samples)
     finally:
@@ -96,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = load_image(args.image)
         model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
-        if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < len(model._decoder_layers())):
-            raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{len(model._decoder_layers()) - 1}")
+        num_layers = len(model.decoder_layers())
+        if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < num_layers):
+            raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{num_layers - 1}")
         samples = question_batch(config, processor, image, args.question, args.choices, args.context, args.caption)
         samples["image"] = samples["image"].to(model.device)
         masks = kept_masks(model, samples)
-        draw(image, masks, model.down_sample_num, args.layer, Path(args.out))
+        draw(image, masks, model.config.down_sample_num, args.layer, Path(args.out))
         if config.run.get("task", "") == MULTIPLE_CHOICE_TASK:
             outputs, predictions = answer_questions(model, samples, config.run.get("inference_method", "generate"))
             print(f"answer: {predictions[0] or 'none'} ({outputs[0]!r})")

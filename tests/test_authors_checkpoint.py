@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from cli import TINY_SQA
-from conftest import tiny_config, tiny_model
-from test_model import make_batch
+from helpers import make_batch, tiny_config, tiny_model
 from timm.optim import param_groups_weight_decay
 
 from lavis_ademvl import predict
@@ -27,10 +26,10 @@ def authors_layout(model, prefix=""):
     """Our trained weights written the way the authors' code saves them (OpenAI-CLIP block numbering)."""
     state = {
         "adapter_emb1": model.visual_key_offset, "adapter_emb2": model.visual_value_offset,
-        "adapter_proj.fc1.weight": model.visual_proj[0].weight, "adapter_proj.fc1.bias": model.visual_proj[0].bias,
-        "adapter_proj.fc2.weight": model.visual_proj[2].weight, "adapter_proj.fc2.bias": model.visual_proj[2].bias,
-        "adapter_proj_cls.fc1.weight": model.cls_proj[0].weight, "adapter_proj_cls.fc1.bias": model.cls_proj[0].bias,
-        "adapter_proj_cls.fc2.weight": model.cls_proj[2].weight, "adapter_proj_cls.fc2.bias": model.cls_proj[2].bias,
+        "adapter_proj.fc1.weight": model.visual_proj.fc1.weight, "adapter_proj.fc1.bias": model.visual_proj.fc1.bias,
+        "adapter_proj.fc2.weight": model.visual_proj.fc2.weight, "adapter_proj.fc2.bias": model.visual_proj.fc2.bias,
+        "adapter_proj_cls.fc1.weight": model.cls_proj.fc1.weight, "adapter_proj_cls.fc1.bias": model.cls_proj.fc1.bias,
+        "adapter_proj_cls.fc2.weight": model.cls_proj.fc2.weight, "adapter_proj_cls.fc2.bias": model.cls_proj.fc2.bias,
     }
     for block, adapter in enumerate(model.vision_adapters):
         for linear in ("fc1", "fc2"):
@@ -74,7 +73,7 @@ def test_unmapped_and_missing_keys_are_errors(trained, tmp_path):
         tiny_model().load_checkpoint(str(tmp_path / "extra.pth"))
     state = {k: v for k, v in authors_layout(trained).items() if not k.startswith("adapter_proj_cls")}
     torch.save({"model": state}, tmp_path / "missing.pth")
-    with pytest.raises(KeyError, match="missing trainable keys \\['cls_proj.0.bias'"):
+    with pytest.raises(KeyError, match="missing trainable keys \\['cls_proj.fc1.bias'"):
         tiny_model().load_checkpoint(str(tmp_path / "missing.pth"))
 
 
@@ -108,12 +107,12 @@ class AuthorsModel(nn.Module):
         self.backbone.visual.transformer.resblocks = resblocks
 
     @staticmethod
-    def _projector(ours: nn.Sequential) -> nn.Module:
+    def _projector(ours: nn.Module) -> nn.Module:
         projector = nn.Module()
-        projector.fc1 = nn.Linear(ours[0].in_features, ours[0].out_features)
-        projector.fc2 = nn.Linear(ours[2].in_features, ours[2].out_features)
-        projector.fc1.load_state_dict(ours[0].state_dict())
-        projector.fc2.load_state_dict(ours[2].state_dict())
+        projector.fc1 = nn.Linear(ours.fc1.in_features, ours.fc1.out_features)
+        projector.fc2 = nn.Linear(ours.fc2.in_features, ours.fc2.out_features)
+        projector.fc1.load_state_dict(ours.fc1.state_dict())
+        projector.fc2.load_state_dict(ours.fc2.state_dict())
         return projector
 
 
@@ -157,8 +156,8 @@ def expected_ours(saved: dict[str, torch.Tensor], source: AdemVL) -> dict[str, t
     """Our parameter names for the saved values (the unused last-block adapter has none)."""
     names = {
         "adapter_emb1": "visual_key_offset", "adapter_emb2": "visual_value_offset",
-        **{f"adapter_proj.fc{i}.{kind}": f"visual_proj.{2 * i - 2}.{kind}" for i in (1, 2) for kind in ("weight", "bias")},
-        **{f"adapter_proj_cls.fc{i}.{kind}": f"cls_proj.{2 * i - 2}.{kind}" for i in (1, 2) for kind in ("weight", "bias")},
+        **{f"adapter_proj.fc{i}.{kind}": f"visual_proj.fc{i}.{kind}" for i in (1, 2) for kind in ("weight", "bias")},
+        **{f"adapter_proj_cls.fc{i}.{kind}": f"cls_proj.fc{i}.{kind}" for i in (1, 2) for kind in ("weight", "bias")},
         **{f"backbone.visual.transformer.resblocks.{b}.adapter_mlp.fc{i}.weight": f"vision_adapters.{b}.fc{i}.weight"
            for b in range(len(source.vision_adapters)) for i in (1, 2)},
     }

@@ -15,7 +15,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from cli import REPO
-from conftest import TINY_CONFIG, tiny_model
+from helpers import TINY_CONFIG, tiny_model
 from lavis.common.registry import registry
 from lavis.processors import randaugment
 from PIL import Image, ImageOps
@@ -389,11 +389,11 @@ def shipped_experiment_configs() -> list:
 def test_every_shipped_experiment_config_is_valid(cfg_path):
     """Model keys, the ScienceQA settings of both roles and every processor are accepted (no weights needed)."""
     from lavis_ademvl.common.config_files import load_with_includes
-    from lavis_ademvl.models.ademvl import TRUNCATIONS, model_options
+    from lavis_ademvl.models.config import TRUNCATIONS, AdemVLConfig
 
     names = list(load_with_includes(cfg_path).get("datasets") or {})
     config = load_config(cfg_path, [f"datasets.{name}.build_info.data_root=/unused" for name in names])
-    assert model_options(config.model)["truncation"] in TRUNCATIONS
+    assert AdemVLConfig.from_dict(config.model).truncation in TRUNCATIONS
     for name in names:
         dataset = config.datasets[name]
         for kind in ("vis_processor", "text_processor"):

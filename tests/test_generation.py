@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_nucleus_sampling_returns_num_captions(model):
 
 def test_max_and_min_length_count_new_tokens(model):
     batch = samples([1, 0], questions=QUESTIONS[:2])
-    new_tokens, encoded = model._run_llm(batch, with_answer=False, max_new_tokens=4, min_new_tokens=4, num_beams=1, do_sample=False)
+    new_tokens = model.generate_token_ids(batch, max_new_tokens=4, min_new_tokens=4, num_beams=1, do_sample=False)
     assert new_tokens.shape == (2, 4)  # only new tokens come back, eos suppressed until min_new_tokens
     assert (new_tokens != model.tokenizer.eos_token_id).all()
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_model import make_batch
+from helpers import make_batch, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -55,7 +54,6 @@ def test_unknown_quantization_is_named():
 
 def test_device_map_keeps_the_llm_in_place(tmp_path):
     """`llm_device_map` loads through accelerate's dispatch; `place` moves only our modules (CPU-only here)."""
-    from conftest import tiny_config
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(**tiny_config()["llm_config"])).save_pretrained(tmp_path / "llm")

@@ -3,24 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from helpers import make_batch, tiny_config, tiny_model
 
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool
+from lavis_ademvl.models.towers import cpu_has_native_bfloat16, vision_features
 
 TRAINABLE_GROUPS = {"visual_key_offset", "visual_value_offset", "visual_proj", "cls_proj", "vision_adapters"}
-
-
-def make_batch(batch: int = 4, has_image=None, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    has_image = torch.tensor(has_image if has_image is not None else [1, 0] * (batch // 2))
-    return {
-        "image": torch.randn(batch, 3, 32, 32, generator=generator),
-        "has_image": has_image,
-        "text_input": [f"Question: what is shown in picture {i}?\nOptions: (A) x (B) y\n" for i in range(batch)],
-        "answer_cue": "Answer: The answer is",
-        "text_output": [" A." if i % 2 else " B." for i in range(batch)],
-    }
 
 
 def test_trainable_parameters_are_exactly_the_design_groups():
@@ -79,23 +68,24 @@ def test_loss_and_scores_equal_those_of_full_logits():
     batch = dict(make_batch(), text_output=[" A.", " a much longer answer.", " B", " yes, C."])
     full_logits = []
     handle = model.llm.register_forward_hook(lambda module, args, output: full_logits.append(output.logits))
-    model._llm_keeps_logits = False  # the reference: Hugging Face's logits for every position
-    reference_scores = model.score_candidates(batch, [[a] for a in batch["text_output"]])
-    model(batch)
-    labels = model.encode_batch(batch, with_answer=True).labels
-    reference_loss = torch.nn.functional.cross_entropy(
-        full_logits[-1][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-    )
-    assert full_logits[-1].shape[1] == labels.shape[1]
-    model._llm_keeps_logits = True
-    full_logits.clear()
-    loss = model(batch)["loss"]
+    try:
+        model._llm_keeps_logits = False  # the reference: Hugging Face's logits for every position
+        reference_scores = model.score_candidates(batch, [[a] for a in batch["text_output"]])
+        model(batch)
+        labels = model.encode_batch(batch, with_answer=True).labels
+        reference_loss = torch.nn.functional.cross_entropy(
+            full_logits[-1][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        assert full_logits[-1].shape[1] == labels.shape[1]
+        model._llm_keeps_logits = True
+        full_logits.clear()
+        loss = model(batch)["loss"]
+        scores = model.score_candidates(batch, [[a] for a in batch["text_output"]])
+    finally:
+        handle.remove()
     assert full_logits[0].shape[1] < labels.shape[1] // 2  # the LLM really projected fewer positions
     torch.testing.assert_close(loss, reference_loss)
-    torch.testing.assert_close(
-        torch.tensor(model.score_candidates(batch, [[a] for a in batch["text_output"]])), torch.tensor(reference_scores)
-    )
-    handle.remove()
+    torch.testing.assert_close(torch.tensor(scores), torch.tensor(reference_scores))
 
 
 def test_cpu_bfloat16_trains_close_to_float32():
@@ -115,8 +105,6 @@ def test_cpu_bfloat16_trains_close_to_float32():
 
 
 def test_cpu_dtype_auto_follows_the_cpu_flags(tmp_path):
-    from lavis_ademvl.models.ademvl import cpu_has_native_bfloat16
-
     with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
@@ -144,11 +132,13 @@ def test_decoder_layer_adds_the_reference_fusion():
     captured = []
     layer = model.llm.model.layers[1]
     handle = layer.mlp.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
-    model(batch)
-    handle.remove()
+    try:
+        model(batch)
+    finally:
+        handle.remove()
     mlp_in, fused_out = captured[0]
     with torch.no_grad():
-        features = model._vision_features(batch["image"])
+        features = vision_features(model.vision_tower, batch["image"])
         pooled = multiscale_pool(features[:, 1:], [16, 4])
         x_v = 0.01 * model.visual_proj(pooled) * torch.tensor([1.0, 0.0]).view(2, 1, 1)
         reference = type(layer.mlp).forward(layer.mlp, mlp_in) + 0.7 * adaptive_cross_attention(
@@ -300,6 +290,36 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         tiny_model(fusion="prefix").load_trainable_state(model.trainable_state_dict())
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         other.load_checkpoint(str(tmp_path / "nowhere.pth"))
+
+
+# The trainable keys of the tiny model's checkpoints written while W' and [cls] were nn.Sequential(Linear, SiLU, Linear).
+SEQUENTIAL_LAYOUT = {
+    "visual_key_offset": "visual_key_offset", "visual_value_offset": "visual_value_offset",
+    **{f"{proj}.{old}.{kind}": f"{proj}.{new}.{kind}" for proj in ("visual_proj", "cls_proj")
+       for old, new in (("0", "fc1"), ("2", "fc2")) for kind in ("weight", "bias")},
+    **{f"vision_adapters.{i}.{fc}.weight": f"vision_adapters.{i}.{fc}.weight" for i in (0, 1) for fc in ("fc1", "fc2")},
+}
+
+
+def test_checkpoints_of_the_sequential_layout_load(tmp_path):
+    """A checkpoint written before the projections had named sub-layers loads through model.finetuned,
+    load_checkpoint and the resume path (load_trainable_state)."""
+    model = tiny_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_()
+    ours = model.trainable_state_dict()
+    assert set(ours) == set(SEQUENTIAL_LAYOUT.values())
+    legacy = {old: ours[new] for old, new in SEQUENTIAL_LAYOUT.items()}
+    path = tmp_path / "checkpoint_19.pth"
+    torch.save({"model": legacy, "epoch": 19}, path)
+    loaded = [tiny_model(load_finetuned=True, finetuned=str(path)), tiny_model(), tiny_model()]
+    loaded[1].load_checkpoint(str(path))
+    loaded[2].load_trainable_state(legacy)
+    for other in loaded:
+        for name, value in ours.items():
+            torch.testing.assert_close(other.trainable_state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_from_config_reads_the_yaml_model_type():

@@ -36,7 +36,8 @@ def test_local_config_json_and_unknown_model(tmp_path, capsys):
 
 def test_meta_model_allocates_nothing():
     from lavis_ademvl.common.inference import load_config
+    from lavis_ademvl.models.ademvl import AdemVL
 
-    model = params.meta_model(load_config(SQA).model)
+    model = AdemVL.on_meta_device(load_config(SQA).model)
     assert all(p.is_meta for p in model.parameters())
     assert model.parameter_counts()["trainable"] == 4_505_856

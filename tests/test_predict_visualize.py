@@ -90,13 +90,13 @@ def test_drop_maps(image_file, tmp_path):
     samples = {"image": processor(Image.open(image_file).convert("RGB")).unsqueeze(0),
                "has_image": torch.ones(1, dtype=torch.long), "text_input": ["Question: what colour?\n"]}
     masks = visualize.kept_masks(model, samples)
-    num_visual = sum(model.down_sample_num)
+    num_visual = sum(model.config.down_sample_num)
     assert masks.shape[0] == 2 and masks.shape[2] == num_visual
     # Each text token keeps Nv - (k - 1) features, k = floor(gamma * Nv) + 1 (more only on exact ties).
-    expected = num_visual - (drop_threshold_rank(num_visual, model.drop_ratio) - 1)
+    expected = num_visual - (drop_threshold_rank(num_visual, model.config.drop_ratio) - 1)
     assert (masks.sum(-1) >= expected).all()
     assert (masks.sum(-1) == expected).float().mean() > 0.99
-    assert masks.float().mean().item() == pytest.approx(1 - model.drop_ratio, abs=0.01)
+    assert masks.float().mean().item() == pytest.approx(1 - model.config.drop_ratio, abs=0.01)
 
     out = tmp_path / "maps" / "drop.png"
     argv = ["--cfg-path", str(TINY_SQA), "--image", str(image_file), "--question", "what?", "--choices", "red", "blue",

@@ -12,7 +12,7 @@ import re
 import shutil
 from typing import Iterable
 
-from lavis_ademvl.models.fusion import check_choice
+from lavis_ademvl.common.validation import check_choice
 
 CAPTION_METRICS = ("bleu", "rouge", "cider", "meteor", "spice")
 DEFAULT_CAPTION_METRICS = ("bleu", "rouge", "cider", "meteor")

@@ -6,24 +6,15 @@ B batch, T text tokens, Nv visual tokens, d LLM width, C vision width.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lavis_ademvl.common.validation import check_choice, check_fraction
+
 ACTIVATIONS = ("silu", "none", "relu", "elu", "softmax", "silu_positive")
 POOLINGS = ("avg", "max")
-
-
-def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    """Raise a ValueError naming the option, the bad value and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
-
-
-def check_drop_ratio(drop_ratio: float) -> None:
-    if not 0.0 <= drop_ratio < 1.0:
-        raise ValueError(f"drop_ratio={drop_ratio} must be in [0, 1)")
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -104,7 +95,7 @@ def adaptive_cross_attention(
         [B, T, d]: drop(act(query) @ act(keys)^T) @ values.
     """
     check_choice("activation", activation, ACTIVATIONS)
-    check_drop_ratio(drop_ratio)
+    check_fraction("drop_ratio", drop_ratio)
     if query.shape[-1] != keys.shape[-1] or keys.shape != values.shape:
         raise ValueError(
             f"shape mismatch: query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"

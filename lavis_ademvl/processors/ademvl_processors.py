@@ -18,7 +18,7 @@ from torchvision import transforms
 from torchvision.transforms.functional import InterpolationMode
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.models.fusion import check_choice
+from lavis_ademvl.common.validation import check_choice, check_known_keys
 
 # CLIP's statistics are right for CLIP towers; the authors' ScienceQA and instruction checkpoints saw ImageNet's.
 NORMALIZATIONS = {
@@ -36,10 +36,7 @@ RANDAUGMENT_OPS = ["Identity", "AutoContrast", "Brightness", "Sharpness", "Equal
 def _read_config(cfg: DictConfig | None, choices: dict[str, tuple[str, ...]], other: set[str], processor: str) -> DictConfig:
     """The processor's config, every key known and every choice (first value: the default) allowed."""
     cfg = cfg if cfg is not None else OmegaConf.create()
-    allowed = set(choices) | other
-    unknown = sorted(set(cfg.keys()) - allowed - {"name"})
-    if unknown:
-        raise KeyError(f"unknown {processor} config key(s) {unknown}; known keys: {sorted(allowed)}")
+    check_known_keys(processor, set(cfg.keys()) - {"name"}, set(choices) | other)
     for key, values in choices.items():
         check_choice(f"{processor}.{key}", cfg.get(key, values[0]), values)
     return cfg

@@ -20,12 +20,10 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
@@ -39,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lavis_ademvl.common.checkpoints import load_checkpoint_file
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.common.seeding import seed_everything
+from lavis_ademvl.common.validation import check_known_keys
 
 RUN_KEYS = frozenset(
     {
@@ -56,18 +56,10 @@ RUN_KEYS = frozenset(
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @register("runner", "runner_ademvl")
 class RunnerAdemVL(RunnerBase):
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str) -> None:
-        unknown = sorted(set(cfg.run_cfg.keys()) - RUN_KEYS)
-        if unknown:
-            raise KeyError(f"unknown run config key(s) {unknown}; known keys: {sorted(RUN_KEYS)}")
+        check_known_keys("run", cfg.run_cfg.keys(), RUN_KEYS)
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
         self.best_agg_metric = -math.inf
         self.best_epoch = -1

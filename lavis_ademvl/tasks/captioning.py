@@ -24,7 +24,7 @@ from lavis.tasks.captioning import CaptionTask
 
 from lavis_ademvl.common.caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, score_captions
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.models.fusion import check_choice
+from lavis_ademvl.common.validation import check_choice
 
 
 def karpathy_image_id(image_path: str) -> int:

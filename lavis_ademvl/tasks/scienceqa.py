@@ -12,7 +12,7 @@ from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.models.fusion import check_choice
+from lavis_ademvl.common.validation import check_choice
 
 INFERENCE_METHODS = ("generate", "rank")
 TABLE_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lavis_ademvl.common.images import load_image
-from lavis_ademvl.models.fusion import check_choice
+from lavis_ademvl.common.validation import check_choice
 
 PROMPT_STYLES = ("authors", "ours")
 PROMPT_FORMATS = ("QCM-A", "CQM-A")

@@ -1,11 +1,15 @@
-"""Reading the ADEM-VL authors' released checkpoints (`checkpoint_7B_{sqa,caption,instruction}.pth`).
+"""The key layouts of the checkpoints ADEM-VL reads, mapped to its parameter names (`checkpoint_state`):
+
+- ours (`lavis_ademvl.train`'s checkpoints: {"model": trainable weights, "optimizer", "epoch", ...});
+- ours before the projections had named sub-layers: `visual_proj.0.*`/`.2.*` (an nn.Sequential) for `.fc1.*`/`.fc2.*`;
+- the ADEM-VL authors' released checkpoints (`checkpoint_7B_{sqa,caption,instruction}.pth`).
 
 Their `util/misc.py` `save_model` writes {"model", "optimizer", "epoch", "scaler", "args" (an argparse.Namespace of
 their train.py arguments)}; `common.checkpoints.load_checkpoint_file` reads it with weights_only=True. "model" holds
 every parameter whose name contains "adapter", behind the DDP `module.` prefix when trained on several GPUs:
   adapter_emb1, adapter_emb2                        [1, Nv, d]       -> visual_key_offset, visual_value_offset
-  adapter_proj.fc1.{weight,bias}, .fc2.*            W'               -> visual_proj.0.*, visual_proj.2.*
-  adapter_proj_cls.fc1.*, .fc2.*                    [cls] projection -> cls_proj.0.*, cls_proj.2.*
+  adapter_proj.fc1.{weight,bias}, .fc2.*            W'               -> visual_proj.fc1.*, visual_proj.fc2.*
+  adapter_proj_cls.fc1.*, .fc2.*                    [cls] projection -> cls_proj.fc1.*, cls_proj.fc2.*
   backbone.visual.transformer.resblocks.{i}.adapter_mlp.fc{1,2}.weight (OpenAI-CLIP block i = Hugging Face layer i)
                                                                      -> vision_adapters.{i}.fc{1,2}.weight
 Their last CLIP block's adapter was saved but never used (its output is not read): it is skipped, and said so.
@@ -22,12 +26,36 @@ from typing import Any
 import torch
 
 _PROJECTIONS = {"adapter_proj": "visual_proj", "adapter_proj_cls": "cls_proj"}
-_LINEAR_INDEX = {"fc1": "0", "fc2": "2"}
+_LEGACY_PROJECTION = re.compile(r"^(visual_proj|cls_proj)\.([02])\.(weight|bias)$")
+_LEGACY_LINEARS = {"0": "fc1", "2": "fc2"}
 _VISION_ADAPTER = re.compile(r"^backbone\.visual\.transformer\.resblocks\.(\d+)\.adapter_mlp\.(fc[12])\.weight$")
 _PROJECTION = re.compile(r"^(adapter_proj|adapter_proj_cls)\.(fc[12])\.(weight|bias)$")
 # The train.py arguments that decide what text and sequences the checkpoint saw.
 _TRAINING_ARGS = ("dataset", "prompt_format", "use_caption", "max_seq_len", "adapter_dim", "down_sample_num",
                   "alpha", "beta", "drop_ratio", "no_cls")
+
+
+def checkpoint_state(checkpoint: dict[str, Any], num_used_vision_layers: int, source: str) -> dict[str, torch.Tensor]:
+    """The trainable weights of a loaded checkpoint file (an authors' one mapped to our names); `rename_legacy_keys`
+    is applied on loading (`AdemVL.load_trainable_state`, which a resumed run calls too)."""
+    state = checkpoint.get("model", checkpoint)
+    if is_authors_checkpoint(state):
+        state = convert_authors_state_dict(state, num_used_vision_layers)
+        describe_authors_run(checkpoint, source)
+    return state
+
+
+def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`visual_proj.0.weight` -> `visual_proj.fc1.weight` (and `.2.` -> `.fc2.`, likewise `cls_proj`); other keys
+    stay as they are."""
+    renamed = {}
+    for key, value in state.items():
+        match = _LEGACY_PROJECTION.match(key)
+        if match:
+            module, position, kind = match.groups()
+            key = f"{module}.{_LEGACY_LINEARS[position]}.{kind}"
+        renamed[key] = value
+    return renamed
 
 
 def is_authors_checkpoint(state: dict[str, torch.Tensor]) -> bool:
@@ -45,7 +73,7 @@ def convert_authors_state_dict(state: dict[str, torch.Tensor], num_used_vision_l
             converted["visual_value_offset"] = value
         elif match := _PROJECTION.match(name):
             module, linear, kind = match.groups()
-            converted[f"{_PROJECTIONS[module]}.{_LINEAR_INDEX[linear]}.{kind}"] = value
+            converted[f"{_PROJECTIONS[module]}.{linear}.{kind}"] = value
         elif match := _VISION_ADAPTER.match(name):
             block, linear = int(match.group(1)), match.group(2)
             if block < num_used_vision_layers:

@@ -1,0 +1,170 @@
+"""Every option of the `ademvl` model (the `model:` section of a config): its default, allowed values and meaning.
+
+`AdemVLConfig` is the one place they live. `from_dict` reads a model section, rejecting unknown keys with the list of
+known ones, and `validate` checks every value; `markdown_table` writes the README's table of model keys (a test
+keeps the two equal). A new option is one field here, read where it is used as `config.<name>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lavis_ademvl.common.validation import check_choice, check_fraction, check_known_keys
+from lavis_ademvl.models.fusion import ACTIVATIONS, POOLINGS
+
+FUSIONS = ("adem", "prefix", "none")
+# Where, inside a decoder layer, the query is read and the fused feature is added (paper Table VII).
+QUERY_POINTS = ("attn_in", "mlp_in")
+ADD_POINTS = ("attn_out", "mlp_out")
+# The fused feature can only be added at or after the point its query is read.
+POINT_ORDER = {"attn_in": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3}
+LLM_DTYPES = ("bfloat16", "float16", "float32")
+CPU_DTYPES = ("float32", "bfloat16", "auto")  # float16 matmuls are slow or missing on CPUs
+QUANTIZATIONS = (None, "8bit", "4bit")
+# Sequences longer than max_len: `middle` (ours) cuts the prompt in its middle and keeps the image slot, answer cue
+# and answer; `end` (the authors') tokenizes prompt and answer as one string and cuts the whole sequence at its end.
+TRUNCATIONS = ("middle", "end")
+
+
+def option(default: Any, meaning: str, choices: Sequence[Any] | None = None) -> Any:
+    """A config field: its default, the values it accepts (None: any of its type) and what it means."""
+    metadata = {"meaning": meaning, "choices": tuple(choices) if choices is not None else None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class AdemVLConfig:
+    # What LAVIS reads to find the model and its weights.
+    arch: str = option("ademvl", "LAVIS model name")
+    model_type: str | None = option(None, "LAVIS model type: a yaml of `configs/models/ademvl/` (see What is registered)")
+    load_finetuned: bool = option(False, "load the checkpoint `finetuned` (written by this project or the authors)")
+    finetuned: str | None = option(None, "checkpoint file read when `load_finetuned` is true")
+    load_pretrained: bool = option(False, "LAVIS key, unused: the frozen towers come from `llm_model`/`vision_model`")
+    pretrained: str | None = option(None, "LAVIS key, unused")
+    # The frozen towers (models/towers.py).
+    llm_model: str | None = option(None, "hub name or local folder of a LLaMA-family causal LM (or `llm_config`)")
+    llm_config: dict | None = option(None, "a dict for a randomly initialised `LlamaConfig` (instead of `llm_model`)")
+    tokenizer: str | None = option(None, "hub name, folder, or `byte_level` (file-free, for random models); null: the LLM's")
+    vision_model: str | None = option(None, "CLIP vision tower: hub name or local folder (or `vision_config`)")
+    vision_config: dict | None = option(None, "a dict for a randomly initialised `CLIPVisionConfig`")
+    llm_dtype: str = option("bfloat16", "dtype of the frozen towers on CUDA (with autocast)", LLM_DTYPES)
+    cpu_dtype: str = option(
+        "float32",
+        "dtype of the frozen towers on CPU: `bfloat16` runs them under CPU autocast (trainable weights stay float32); "
+        "`auto` is bfloat16 when the CPU flags list AVX512-BF16 or AMX-BF16",
+        CPU_DTYPES,
+    )
+    llm_quantization: str | None = option(None, "`8bit`/`4bit` loading of the LLM (bitsandbytes, CUDA)", QUANTIZATIONS)
+    llm_device_map: str | dict | None = option(
+        None, "place the frozen LLM over several GPUs in one process (`auto` or a Hugging Face device map)"
+    )
+    llm_gradient_checkpointing: bool = option(False, "activation checkpointing of the LLM (non-reentrant)")
+    vision_gradient_checkpointing: bool = option(False, "activation checkpointing of the CLIP tower's blocks")
+    # The fusion (design §2).
+    fusion: str = option(
+        "adem",
+        "`adem`; `prefix` (LLaVA-style: every CLIP token projected and prepended, no cross-attention); `none` (text "
+        "only: ADEM-VL's E1/E2 memory and recipe, no vision tower, no image)",
+        FUSIONS,
+    )
+    activation: str = option("silu", "feature map of queries and keys (Table VIII)", ACTIVATIONS)
+    query_from: str = option("mlp_in", "where a decoder layer's query is read (Table VII)", QUERY_POINTS)
+    add_to: str = option("mlp_out", "where the fused feature is added, at or after `query_from` (Table VII)", ADD_POINTS)
+    down_sample_num: list[int] = option(
+        [256, 64], "multiscale visual features: square token counts, none above the tower's patches (Table IX)"
+    )
+    pooling: str = option("avg", "pooling of the multiscale features (Table IX)", POOLINGS)
+    with_cls: bool = option(True, "the [cls] token in the LLM input (Table X)")
+    num_visual_input_tokens: int = option(0, "extra pooled visual tokens in the LLM input, a square (Table X)")
+    alpha: float = option(0.1, "fusion scale")
+    beta: float = option(0.01, "visual-feature scale")
+    drop_ratio: float = option(0.1, "dropped fraction gamma of each text token's visual features, in [0, 1)")
+    hidden_proj: int = option(128, "width of the low-rank projections W' and [cls]")
+    adapter_dim: int = option(12, "rank of the vision adapters")
+    adapter_scale: float = option(0.1, "scale of the vision adapters")
+    adapter_dropout: float = option(0.1, "dropout inside the vision adapters, in [0, 1)")
+    # The text (models/processing.py).
+    max_len: int = option(
+        512, "sequence limit; with generation: of the prompt (`middle`), or of prompt and new tokens (`end`)"
+    )
+    truncation: str = option(
+        "middle",
+        "`middle` (ours): only the prompt is cut, in its middle, never the [cls] slot, answer cue or answer; `end` (the "
+        "authors', the paper configs): prompt and answer tokenized as one string, labels after the prompt's own token "
+        "count, the whole sequence cut at its end (answer and eos may be lost; a batch left without labels gives a "
+        "zero loss); generation keeps the start",
+        TRUNCATIONS,
+    )
+    image_prompt: str = option("Image: ", "text before the [cls] slot")
+    no_image_prompt: str = option("Image: N/A", "text in its place for questions without image")
+    prompt: str = option("", "caption prompt (e.g. `\"a picture of \"`) or VQA template with `{}` for the question")
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any] | DictConfig) -> AdemVLConfig:
+        """A model config section (yaml or dict): unknown keys are an error listing the known ones; every value is
+        validated."""
+        values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+        check_known_keys("ademvl model", values, (f.name for f in dataclasses.fields(cls)))
+        values = {key: _plain(value) for key, value in values.items()}
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for config_field in dataclasses.fields(self):
+            value = getattr(self, config_field.name)
+            choices = config_field.metadata["choices"]
+            if choices is not None:
+                check_choice(config_field.name, value, choices)
+            elif config_field.type in _NUMBERS and value is not None:
+                setattr(self, config_field.name, _number(config_field.name, value, _NUMBERS[config_field.type]))
+        check_fraction("drop_ratio", self.drop_ratio)
+        if POINT_ORDER[self.add_to] < POINT_ORDER[self.query_from]:
+            raise ValueError(f"add_to={self.add_to!r} comes before query_from={self.query_from!r} inside a decoder layer")
+        if self.max_len <= 0:
+            raise ValueError(f"max_len={self.max_len} must be positive")
+        self.down_sample_num = [int(size) for size in self.down_sample_num]
+
+    def replace(self, **changes: Any) -> AdemVLConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_NUMBERS = {"bool": bool, "int": int, "float": float}
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, str) or (kind is bool and not isinstance(value, (bool, int))):
+        raise ValueError(f"{name}={value!r} must be a {kind.__name__}")
+    return kind(value)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`' if value.strip() != value or not value or " " in value else f"`{value}`"
+    return f"`{value}`"
+
+
+def markdown_table() -> str:
+    """The README's table of model keys: key, default, accepted values, meaning."""
+    lines = ["| key | default | values | meaning |", "| --- | --- | --- | --- |"]
+    for config_field in dataclasses.fields(AdemVLConfig):
+        default = config_field.default_factory() if config_field.default is dataclasses.MISSING else config_field.default
+        choices = config_field.metadata["choices"]
+        values = ", ".join(_cell(choice) for choice in choices) if choices else "-"
+        lines.append(f"| `{config_field.name}` | {_cell(default)} | {values} | {config_field.metadata['meaning']} |")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The visual memory and the decoder-layer hooks that read it: ADEM-VL's parameter-free cross-attention, attached to
+an unmodified Hugging Face decoder.
+
+`attach(layers)` hooks every decoder layer and returns the handles (`detach()` removes them all). While the memory
+holds a batch's activated keys and values (`holding`), each layer reads its query u at `query_from` and adds
+alpha * fused_attend(u, keys, values) at `add_to`; outside `holding` the hooks do nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from lavis_ademvl.models.fusion import fused_attend
+
+# The submodule of a decoder layer whose input (`_in`) or output (`_out`) each point is.
+POINT_MODULES = {"attn_in": "self_attn", "attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
+QueryObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a LLaMA-family causal LM (each with `self_attn` and `mlp`)."""
+    layers = getattr(llm.get_decoder(), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
+        raise TypeError(f"{type(llm).__name__} is not a LLaMA-family decoder (layers with self_attn and mlp)")
+    return layers
+
+
+class VisualMemory:
+    """Activated keys [B, Nv, d] and values [B, Nv, d] of the current batch, read by every hooked decoder layer."""
+
+    def __init__(self, query_from: str, add_to: str, alpha: float, drop_ratio: float, activation: str) -> None:
+        self.query_from, self.add_to = query_from, add_to
+        self.alpha, self.drop_ratio, self.activation = alpha, drop_ratio, activation
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.layers: Sequence[nn.Module] = ()
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending_queries: dict[int, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ hooks
+
+    def attach(self, layers: Sequence[nn.Module]) -> list[RemovableHandle]:
+        """Hook each decoder layer (index = its position in `layers`); returns the new handles."""
+        if self._handles:
+            raise RuntimeError("this visual memory is attached already; detach() it first")
+        query_module, add_module = POINT_MODULES[self.query_from], POINT_MODULES[self.add_to]
+        for index, layer in enumerate(layers):
+            if self.query_from.endswith("_in") and query_module == add_module:
+                # Query and addition on the same module: one hook sees both its input and its output.
+                hook = getattr(layer, add_module).register_forward_hook(self._fuse_hook(index, True), with_kwargs=True)
+                self._handles.append(hook)
+                continue
+            capture = getattr(layer, query_module).register_forward_pre_hook(self._capture_hook(index), with_kwargs=True)
+            fuse = getattr(layer, add_module).register_forward_hook(self._fuse_hook(index, False), with_kwargs=True)
+            self._handles += [capture, fuse]
+        self.layers = layers
+        return list(self._handles)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.layers = [], ()
+
+    def observe_queries(self, observer: QueryObserver) -> list[RemovableHandle]:
+        """Call observer(layer index, query, activated keys) each time a hooked layer reads its query while the memory
+        holds a batch (e.g. to draw what the adaptive drop keeps); remove the returned handles when done."""
+        module_name = POINT_MODULES[self.query_from]
+
+        def hook_for(index: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if self.keys is not None:
+                    observer(index, _module_input(args, kwargs), self.keys)
+
+            return hook
+
+        return [getattr(layer, module_name).register_forward_pre_hook(hook_for(index), with_kwargs=True)
+                for index, layer in enumerate(self.layers)]
+
+    def _capture_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.keys is not None:
+                self._pending_queries[index] = _module_input(args, kwargs)
+
+        return hook
+
+    def _fuse_hook(self, index: int, own_input: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if self.keys is None:
+                return output
+            query = _module_input(args, kwargs) if own_input else self._pending_queries.pop(index)
+            keys, values = self.on_device(query.device)
+            if query.shape[0] != keys.shape[0]:
+                raise RuntimeError(f"visual memory holds {keys.shape[0]} rows but the decoder runs {query.shape[0]}")
+            fused = fused_attend(query, keys, values, self.drop_ratio, self.activation)
+            return _add_to_output(output, self.alpha * fused)
+
+        return hook
+
+    # ------------------------------------------------------------------ contents
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values on `device`: layers of a dispatched LLM live on several GPUs; one copy per device."""
+        if self.keys.device == device:
+            return self.keys, self.values
+        if device not in self._copies:
+            self._copies[device] = (self.keys.to(device), self.values.to(device))
+        return self._copies[device]
+
+    @contextlib.contextmanager
+    def holding(
+        self, keys: torch.Tensor | None, values: torch.Tensor | None, expand: int = 1, keep: bool = False
+    ) -> Iterator[None]:
+        """Make a batch's activated keys and values visible to every hooked layer (nothing, when keys is None).
+
+        Generation runs `expand` rows per sample (beams or sampled sequences), repeated in place as Hugging Face
+        does; beam reordering only permutes rows of one sample, which share their visual memory. `keep`: the memory
+        stays after the block until the next batch replaces it (gradient checkpointing recomputes the layers, and
+        runs the hooks, during backward).
+        """
+        if keys is None:
+            yield
+            return
+        if expand > 1:
+            keys, values = keys.repeat_interleave(expand, dim=0), values.repeat_interleave(expand, dim=0)
+        self.keys, self.values, self._copies = keys, values, {}
+        try:
+            yield
+        finally:
+            if not keep:
+                self.keys, self.values, self._copies = None, None, {}
+            self._pending_queries.clear()
+
+
+def _module_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _add_to_output(output: Any, delta: torch.Tensor) -> Any:
+    if isinstance(output, tuple):  # attention modules return (hidden_states, weights, ...)
+        return (output[0] + delta.to(output[0].dtype),) + output[1:]
+    return output + delta.to(output.dtype)

@@ -1,0 +1,236 @@
+"""The model's text processor: a batch of samples -> token ids, image-slot positions and answer labels.
+
+Layout of one sequence: <bos>? image-prefix [slot] prompt cue answer <eos>, left-padded so that every sequence's last
+token sits in the last column. `truncation` decides what is cut from a sequence longer than `max_len` (see
+`AdemVLConfig.truncation`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lavis_ademvl.models.config import AdemVLConfig
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids of a batch, left-padded, with the image slot positions and answer labels (-100 elsewhere)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    slot_mask: torch.Tensor  # [B, L] True where visual slot embeddings go
+    labels: torch.Tensor  # [B, L]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def to(self, device: torch.device | str) -> EncodedBatch:
+        return EncodedBatch(*(tensor.to(device) for tensor in (self.input_ids, self.attention_mask, self.slot_mask, self.labels)))
+
+
+class PromptEncoder:
+    """Tokenizes, truncates and left-pads the texts of a batch; `slot_length` pad tokens mark where the visual slot
+    embeddings go ([cls], prepended visual tokens) in samples that have an image."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: AdemVLConfig, slot_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_len = config.max_len
+        self.truncation = config.truncation
+        self.image_prompt, self.no_image_prompt = config.image_prompt, config.no_image_prompt
+        self.prompt = config.prompt
+        self.slot_length = slot_length
+        self._truncation_warned = False
+
+    def texts(self, samples: dict, with_answer: bool, prompt: str | None = None) -> tuple[list[str], list[str], list[str | None]]:
+        """(prompts, answer cues, answers) of a batch in any of the sample formats LAVIS's datasets produce:
+
+        - `text_input` + `text_output` (+ `answer_cue`): prompt and target given (ScienceQA, our VQA);
+        - `text_input` + `answer`/`weight`/`n_answers` (LAVIS VQA training): question in `prompt`, best answer;
+        - `text_input` alone while training (LAVIS captioning): the caption follows `prompt`;
+        - otherwise (inference): `text_input` as a question in `prompt`, or `prompt` alone (captioning).
+        """
+        template = self.prompt if prompt is None else prompt
+        count = batch_size(samples)
+        cues = _per_sample(samples.get("answer_cue", ""), count)
+        if "text_output" in samples:
+            return list(samples["text_input"]), cues, list(samples["text_output"]) if with_answer else [None] * count
+        questions = samples.get("text_input")
+        if "n_answers" in samples:
+            prompts = [fill_prompt(template, q) for q in questions]
+            if not with_answer:
+                return prompts, cues, [None] * count
+            return prompts, cues, [answer_after(p + c, a) for p, c, a in zip(prompts, cues, _best_answers(samples))]
+        if with_answer:
+            if questions is None:
+                raise KeyError("training samples need `text_input` (and `text_output` unless it is a caption)")
+            return [template] * count, cues, [answer_after(template + c, caption) for c, caption in zip(cues, questions)]
+        prompts = [fill_prompt(template, q) for q in questions] if questions is not None else [template] * count
+        return prompts, cues, [None] * count
+
+    def encode(self, samples: dict, with_answer: bool, prompt: str | None = None, reserve: int = 0) -> EncodedBatch:
+        """The batch on the CPU; `reserve`: the number of tokens generation will add."""
+        prompts, cues, answers = self.texts(samples, with_answer, prompt)
+        has_image = image_flags(samples, len(prompts))
+        encoded = [
+            self.encode_sample(p, c, a, bool(h), reserve) for p, c, a, h in zip(prompts, cues, answers, has_image.tolist())
+        ]
+        length = max(len(ids) for ids, _, _ in encoded)
+        batch = len(encoded)
+        input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        slot_mask = torch.zeros((batch, length), dtype=torch.bool)
+        labels = torch.full((batch, length), -100, dtype=torch.long)
+        for row, (ids, slot_start, row_labels) in enumerate(encoded):
+            offset = length - len(ids)
+            input_ids[row, offset:] = torch.tensor(ids)
+            attention_mask[row, offset:] = 1
+            labels[row, offset:] = torch.tensor(row_labels)
+            if slot_start >= 0:
+                slot_mask[row, offset + slot_start : offset + slot_start + self.slot_length] = True
+        return EncodedBatch(input_ids, attention_mask, slot_mask, labels)
+
+    def encode_sample(
+        self, prompt: str, cue: str, answer: str | None, with_slot: bool, reserve: int = 0
+    ) -> tuple[list[int], int, list[int]]:
+        """Token ids, the index of the first image-slot token (-1 if none), and labels (-100 = no loss)."""
+        tok = self.tokenizer
+        prefix: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        slot_start = -1
+        if self.slot_length:
+            prefix += tok(self.image_prompt if with_slot else self.no_image_prompt, add_special_tokens=False).input_ids
+            if with_slot:
+                slot_start = len(prefix)
+                prefix += [tok.pad_token_id] * self.slot_length
+        if self.truncation == "end":
+            input_ids, labels = self._encode_whole(prefix, prompt + cue, answer, reserve)
+        else:
+            input_ids, labels = self._encode_protected(prefix, prompt, cue, answer)
+        return input_ids, slot_start, labels
+
+    def _warn_truncation(self, where: str) -> None:
+        if not self._truncation_warned:
+            logging.warning("sequences longer than max_len=%d are cut %s", self.max_len, where)
+            self._truncation_warned = True
+
+    def _encode_whole(self, prefix: list[int], context: str, answer: str | None, reserve: int) -> tuple[list[int], list[int]]:
+        """truncation `end`, the authors' sequences: context and answer tokenized as ONE string, labels from as many
+        tokens as the context has alone; the whole sequence cut at max_len from its end (answer and eos may be lost).
+        Generation keeps the start: the prompt is cut so that `reserve` new tokens fit in max_len."""
+        tok = self.tokenizer
+        if answer is None:
+            # Trailing spaces are the answer's first token (a caption prompt "a picture of " is generated from
+            # "a picture of", as the authors do).
+            ids = prefix + tok(context.rstrip(), add_special_tokens=False).input_ids
+            limit = self.max_len - reserve
+            if limit <= len(prefix):
+                raise ValueError(
+                    f"max_len={self.max_len} leaves no room for the prompt when generating {reserve} tokens "
+                    f"(truncation='end'); raise model.max_len"
+                )
+            if len(ids) > limit:
+                self._warn_truncation("at their end (truncation='end')")
+            return ids[:limit], [-100] * min(len(ids), limit)
+        if self.max_len < len(prefix) + 1:
+            raise ValueError(f"max_len={self.max_len} cuts into the image prefix ({len(prefix)} tokens)")
+        num_context = len(tok(context, add_special_tokens=False).input_ids)
+        text_ids = tok(context + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = prefix + text_ids
+        labels = [-100] * len(prefix) + [-100 if index < num_context else token for index, token in enumerate(text_ids)]
+        if len(ids) > self.max_len:
+            self._warn_truncation("at their end (truncation='end'): the answer may be lost")
+        return ids[: self.max_len], labels[: self.max_len]
+
+    def _encode_protected(self, prefix: list[int], prompt: str, cue: str, answer: str | None) -> tuple[list[int], list[int]]:
+        """truncation `middle` (ours): only the prompt may be cut, in its middle; the cue and answer never are."""
+        tok = self.tokenizer
+        # Trailing spaces belong to the answer's first token ("of" + " a", not "of " + "a"), so training and
+        # generation see the same token boundary.
+        context = (prompt + cue).rstrip()
+        if answer is not None:
+            answer = (prompt + cue)[len(context) :] + answer
+        prompt, cue = prompt[: len(context)], context[len(prompt) :] if len(context) > len(prompt) else ""
+        text = context + (answer or "")
+        encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded.input_ids, encoded.offset_mapping
+        prompt_end, answer_start = len(prompt), len(prompt) + len(cue)
+        num_prompt = sum(1 for _, end in offsets if end <= prompt_end)
+        num_answer = sum(1 for start, end in offsets if start >= answer_start and end > start) if answer else 0
+        prompt_ids, protected = ids[:num_prompt], ids[num_prompt:]
+        answer_ids = protected[len(protected) - num_answer :] if num_answer else []
+        if answer is not None:
+            answer_ids = answer_ids + [tok.eos_token_id]
+            protected = protected + [tok.eos_token_id]
+        budget = self.max_len - len(prefix) - len(protected)
+        if budget < 0:
+            raise ValueError(
+                f"the image prefix, answer cue and answer take {len(prefix) + len(protected)} tokens, more than "
+                f"max_len={self.max_len}: {(cue + (answer or ''))[:80]!r}"
+            )
+        if len(prompt_ids) > budget:
+            self._warn_truncation("in their prompt's middle (truncation='middle')")
+            head = budget // 2
+            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head) :]
+        input_ids = prefix + prompt_ids + protected
+        labels = [-100] * (len(input_ids) - len(answer_ids)) + answer_ids
+        return input_ids, labels
+
+
+def batch_size(samples: dict) -> int:
+    for key in ("image", "text_input", "has_image"):
+        if samples.get(key) is not None:
+            return len(samples[key])
+    raise KeyError("samples hold neither `image` nor `text_input`")
+
+
+def image_flags(samples: dict, count: int) -> torch.Tensor:
+    """[B] 0/1 on the CPU: `has_image`, else 1 for every sample when the batch holds images."""
+    has_image = samples.get("has_image")
+    if has_image is None:
+        return torch.ones(count, dtype=torch.long) if samples.get("image") is not None else torch.zeros(count, dtype=torch.long)
+    return torch.as_tensor(has_image).long().cpu()
+
+
+def fill_prompt(template: str, question: str) -> str:
+    """A VQA prompt: `template` with `{}` replaced by the question, or the question appended."""
+    return template.format(question) if "{}" in template else template + question
+
+
+def answer_after(context: str, answer: str) -> str:
+    """`answer` separated from `context` by exactly one space (none added when the context ends with one)."""
+    answer = answer.strip()
+    return answer if context[-1:].isspace() else " " + answer
+
+
+def _best_answers(samples: dict) -> list[str]:
+    """The highest-weighted answer of each question in LAVIS's flattened VQA batch (answer/weight/n_answers)."""
+    answers, weights = samples["answer"], torch.as_tensor(samples["weight"]).tolist()
+    best, start = [], 0
+    for count in torch.as_tensor(samples["n_answers"]).tolist():
+        span = range(start, start + count)
+        best.append(answers[max(span, key=lambda i: weights[i])])
+        start += count
+    return best
+
+
+def _per_sample(value: str | Sequence[str], count: int) -> list[str]:
+    return [value] * count if isinstance(value, str) else list(value)
+
+
+def labelled_columns(labels: torch.Tensor) -> int:
+    """How many of the last columns of a left-padded [B, L] label batch hold a label (not -100) in some row; 0 when
+    none does (truncation 'end' may cut every answer of a batch away)."""
+    columns = (labels != -100).any(dim=0).nonzero()
+    return labels.shape[1] - int(columns[0]) if columns.numel() else 0
+
+
+def last_columns(hidden: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the last `count` positions of [B, L, ...], for Hugging Face's `logits_to_keep`. An index tensor,
+    not an int: an int slices a non-contiguous view, and the vocabulary projection of that view copies the
+    [vocab, d] weight once per sample."""
+    length = hidden.shape[1]
+    return torch.arange(length - count, length, device=hidden.device)

@@ -1,0 +1,203 @@
+"""The frozen towers: loading (dtype, quantization, device map), freezing, and their shapes on the meta device.
+
+`load_towers` reads a model config and returns the LLM, its tokenizer, the CLIP vision tower (None for text-only
+`fusion: none`) and the dtype they compute in. `meta_towers` builds the same towers with no weight at all, from
+configurations only (a local config.json, a `llm_config`/`vision_config` dict, or the built-in shapes of the checkpoints
+the paper uses): the parameter report of `python -m lavis_ademvl.params`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lavis_ademvl.models.config import AdemVLConfig
+from lavis_ademvl.models.tokenization import load_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Shapes of the hub checkpoints named by our configs (their config.json values).
+_LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "vocab_size": 32000}
+KNOWN_LLM_SHAPES = {
+    "huggyllama/llama-7b": _LLAMA_7B,
+    "meta-llama/Llama-2-7b-hf": {**_LLAMA_7B, "max_position_embeddings": 4096},
+    "huggyllama/llama-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                             "num_attention_heads": 40, "vocab_size": 32000},
+}
+KNOWN_VISION_SHAPES = {
+    "openai/clip-vit-large-patch14": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
+}
+
+
+def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU flags list AVX512-BF16 or AMX-BF16 (Linux); False when they cannot be read."""
+    try:
+        flags = cpuinfo.read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(config: AdemVLConfig) -> torch.dtype:
+    """`llm_dtype` on CUDA; on CPU `cpu_dtype`, where `auto` is bfloat16 only if the CPU computes it natively
+    (about 1.5x faster there, slower elsewhere)."""
+    if torch.cuda.is_available():
+        return DTYPES[config.llm_dtype]
+    if config.cpu_dtype == "auto":
+        return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    return DTYPES[config.cpu_dtype]
+
+
+def load_towers(config: AdemVLConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, CLIPVisionModel | None, torch.dtype]:
+    """(LLM, tokenizer, vision tower or None, compute dtype) of a model config, loaded in that order."""
+    dtype = compute_dtype(config)
+    llm = load_llm(config.llm_model, config.llm_config, dtype, config.llm_quantization, config.llm_device_map)
+    tokenizer_name = config.tokenizer or config.llm_model
+    if tokenizer_name is None:
+        raise KeyError("model config needs `tokenizer` when the LLM comes from `llm_config`")
+    tokenizer = load_tokenizer(str(tokenizer_name))
+    vision_tower = None
+    if config.fusion != "none":
+        vision_tower = load_vision_tower(config.vision_model, config.vision_config, dtype)
+    return llm, tokenizer, vision_tower, dtype
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    """bitsandbytes 8-bit or 4-bit (NF4) loading of the frozen LLM; CUDA only."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"llm_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU leave it null")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"llm_quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_llm(
+    name_or_path: str | None,
+    config: dict | None,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+    device_map: str | dict | None = None,
+) -> PreTrainedModel:
+    if (name_or_path is None) == (config is None):
+        raise KeyError("give exactly one of `llm_model` (hub name or local folder) and `llm_config` (random init)")
+    if device_map is not None and quantization is None:
+        if config is not None:
+            raise ValueError("llm_device_map needs pretrained weights (llm_model), not a random llm_config")
+        # Hugging Face/accelerate place the decoder layers over the listed devices ("auto": all visible GPUs).
+        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), torch_dtype=dtype, device_map=device_map)
+    if quantization is not None:
+        if config is not None:
+            raise ValueError("llm_quantization needs pretrained weights (llm_model), not a random llm_config")
+        quantization_config = _quantization_config(quantization, dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name_or_path), torch_dtype=dtype, quantization_config=quantization_config,
+            device_map={"": torch.cuda.current_device()},
+        )
+    if config is not None:
+        return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
+    name_or_path = os.path.expanduser(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+    except OSError as error:
+        raise OSError(f"model.llm_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+
+
+def load_vision_tower(name_or_path: str | None, config: dict | None, dtype: torch.dtype) -> CLIPVisionModel:
+    if (name_or_path is None) == (config is None):
+        raise KeyError("give exactly one of `vision_model` (hub name or local folder) and `vision_config` (random init)")
+    if config is not None:
+        return CLIPVisionModel(CLIPVisionConfig(**config)).to(dtype)
+    name_or_path = os.path.expanduser(name_or_path)
+    try:
+        return CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=dtype)
+    except OSError as error:
+        raise OSError(f"model.vision_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+
+
+def freeze_llm(llm: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    llm.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant: the recomputed layers run our hooks again and reach the visual memory of the step.
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return llm
+
+
+def freeze_vision_tower(tower: CLIPVisionModel, gradient_checkpointing: bool) -> nn.ModuleList:
+    """Freeze the tower and drop its last block; returns the blocks that run.
+
+    The fused features are the input of the last CLIP block, so that block never runs (and an adapter on it would
+    never receive a gradient, which breaks DDP)."""
+    tower.requires_grad_(False)
+    if gradient_checkpointing:
+        # The tower's activations are read only at the very end of backward, after the LLM's are freed: recomputing
+        # them there keeps them out of the peak. Non-reentrant, so adapters behind a frozen input still get
+        # gradients, and the adapters' dropout is replayed with the same random state.
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder = tower.vision_model.encoder
+    encoder.layers = encoder.layers[:-1]
+    return encoder.layers
+
+
+def vision_features(tower: CLIPVisionModel, image: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + N, C]: the input of the last CLIP block after the tower's final layer norm; token 0 is [cls]."""
+    hidden = tower(pixel_values=image.to(tower.dtype)).last_hidden_state
+    return tower.vision_model.post_layernorm(hidden)
+
+
+def num_patches(tower: CLIPVisionModel) -> int:
+    return (tower.config.image_size // tower.config.patch_size) ** 2
+
+
+# ---------------------------------------------------------------------- shapes only
+
+
+def _shape_config(name: str | None, config: dict | None, known: dict, config_cls: type, key: str) -> PretrainedConfig:
+    if config is not None:
+        return config_cls(**config)
+    if name is None:
+        raise KeyError(f"model.{key} is not set")
+    folder = Path(os.path.expanduser(name))
+    if (folder / "config.json").is_file():
+        loaded = AutoConfig.from_pretrained(folder)
+        return getattr(loaded, "vision_config", loaded) if config_cls is CLIPVisionConfig else loaded
+    if name in known:
+        return config_cls(**known[name])
+    raise KeyError(
+        f"model.{key}={name!r}: no local config.json and no built-in shape (known: {sorted(known)}); "
+        f"point model.{key} at a folder holding the checkpoint's config.json"
+    )
+
+
+def meta_towers(config: AdemVLConfig) -> tuple[PreTrainedModel, CLIPVisionModel | None]:
+    """The LLM and vision tower of a model config with every tensor on the meta device (shapes only)."""
+    llm_config = _shape_config(config.llm_model, config.llm_config, KNOWN_LLM_SHAPES, LlamaConfig, "llm_model")
+    vision_config = None
+    if config.fusion != "none":
+        vision_config = _shape_config(config.vision_model, config.vision_config, KNOWN_VISION_SHAPES,
+                                      CLIPVisionConfig, "vision_model")
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llm_config)
+        vision = CLIPVisionModel(vision_config) if vision_config is not None else None
+    return llm, vision

@@ -1,0 +1,34 @@
+"""Shared test helpers: the tiny random model (real Hugging Face LLaMA + CLIP classes) and a batch for it."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from omegaconf import OmegaConf
+
+from lavis_ademvl.models.ademvl import AdemVL
+
+TINY_CONFIG = OmegaConf.to_container(OmegaConf.load(AdemVL.default_config_path("tiny")).model)
+
+
+def tiny_config(**overrides) -> dict:
+    config = copy.deepcopy(TINY_CONFIG)
+    config.update(overrides)
+    return config
+
+
+def tiny_model(**overrides) -> AdemVL:
+    return AdemVL.from_config(tiny_config(**overrides))
+
+
+def make_batch(batch: int = 4, has_image=None, seed: int = 0) -> dict:
+    """Multiple-choice style samples for the tiny model: half with an image unless `has_image` says otherwise."""
+    generator = torch.Generator().manual_seed(seed)
+    has_image = torch.tensor(has_image if has_image is not None else [1, 0] * (batch // 2))
+    return {
+        "image": torch.randn(batch, 3, 32, 32, generator=generator),
+        "has_image": has_image,
+        "text_input": [f"Question: what is shown in picture {i}?\nOptions: (A) x (B) y\n" for i in range(batch)],
+        "answer_cue": "Answer: The answer is",
+        "text_output": [" A." if i % 2 else " B." for i in range(batch)],
+    }
