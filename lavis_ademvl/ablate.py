@@ -9,40 +9,32 @@ grid continues where it stopped. The table is rewritten after every row to OUTPU
 """
 from __future__ import annotations
 
-import argparse
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from lavis_ademvl.common.cli import add_options_argument, entry_point, tool_parser, train_or_reuse
 from lavis_ademvl.common.config_files import load_with_includes
-from lavis_ademvl.common.results import finished_test_metrics
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, format_table
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.ablate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", type=Path, required=True)
-    parser.add_argument("--base", type=Path, help="experiment config replacing the rows' own base")
-    parser.add_argument("--output-dir", type=Path, help="default: output/ademvl/ablations/<grid name>")
-    parser.add_argument("--options", nargs="+", default=[], help="overrides for every row, key=value")
-    return parser.parse_args(argv)
+PARSER = tool_parser("lavis_ademvl.ablate", __doc__, experiment=False)
+PARSER.add_argument("--grid", type=Path, required=True)
+PARSER.add_argument("--base", type=Path, help="experiment config replacing the rows' own base")
+PARSER.add_argument("--output-dir", type=Path, help="default: output/ademvl/ablations/<grid name>")
+add_options_argument(PARSER, "overrides for every row")
 
 
-def row_config(row_path: Path, base: Path | None) -> Path:
-    """The row's config file, or a merged copy of `base` + the row's own overrides."""
+def row_config(row_path: Path, base: Path | None) -> Path | DictConfig:
+    """The row's config file, or `base` with the row's own overrides on top."""
+    if not row_path.is_file():
+        raise FileNotFoundError(f"row config not found: {row_path}")
     if base is None:
         return row_path
     overrides = OmegaConf.load(row_path)
     overrides.pop("includes", None)
-    merged = OmegaConf.merge(load_with_includes(base), overrides)
-    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"ablate_{row_path.stem}_", delete=False)
-    with handle:
-        handle.write(OmegaConf.to_yaml(merged))
-    return Path(handle.name)
+    return OmegaConf.merge(load_with_includes(base), overrides)
 
 
 def slug(name: str) -> str:
@@ -59,38 +51,24 @@ def markdown(title: str, results: dict[str, dict]) -> str:
     return f"### {title}\n\n{table}\n"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = PARSER.parse_args(argv)
     if not args.grid.is_file():
-        print(f"error: grid file not found: {args.grid}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"grid file not found: {args.grid}")
     grid = OmegaConf.load(args.grid)
     rows = list(grid.get("rows") or [])
     if not rows:
-        print(f"error: {args.grid} lists no rows", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.grid} lists no rows")
+    title = grid.get("title", args.grid.stem)
     output_dir = args.output_dir or Path("output/ademvl/ablations") / args.grid.stem
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     for row in rows:
-        run_dir = output_dir / slug(row.name)
-        metrics = finished_test_metrics(run_dir)
-        if metrics is None:
-            row_path = (args.grid.parent / row.config).resolve()
-            if not row_path.is_file():
-                print(f"error: row {row.name!r}: config not found: {row_path}", file=sys.stderr)
-                return 2
-            print(f"=== {row.name} ===", flush=True)
-            command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(row_config(row_path, args.base)),
-                       "--options", f"run.output_dir={run_dir}", *args.options]
-            if subprocess.run(command).returncode != 0 or (metrics := finished_test_metrics(run_dir)) is None:
-                print(f"error: row {row.name!r} failed: {' '.join(command)}", file=sys.stderr)
-                return 1
-        else:
-            print(f"=== {row.name}: finished earlier, reused ===", flush=True)
-        results[row.name] = metrics
-        (output_dir / "results.md").write_text(markdown(grid.get("title", args.grid.stem), results))
-    print(markdown(grid.get("title", args.grid.stem), results))
+        config = row_config((args.grid.parent / row.config).resolve(), args.base)
+        results[row.name] = train_or_reuse(config, output_dir / slug(row.name), args.options, label=row.name)
+        (output_dir / "results.md").write_text(markdown(title, results))
+    print(markdown(title, results))
     return 0
 
 

@@ -15,24 +15,33 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from lavis_ademvl.common.config_files import load_with_includes
+from lavis_ademvl.common.cli import entry_point, tool_parser
+from lavis_ademvl.common.config_files import load_with_includes, parse_options
 
 RESULT_PREFIX = "COMPARE_RESULT "
+PARSER = tool_parser("lavis_ademvl.compare", __doc__)
+PARSER.add_argument("--out", type=Path, help="markdown file for the table (default: print only)")
+PARSER.add_argument("--entry", type=int, help=argparse.SUPPRESS)  # worker mode
 
 
-def entry_config(cfg_path: Path, index: int, options: list[str]) -> tuple[str, str]:
-    """(entry name, path of a plain experiment yaml whose `model` is the entry's)."""
-    merged = OmegaConf.merge(load_with_includes(cfg_path), OmegaConf.from_dotlist(options))
+def compare_config(cfg_path: Path, options: list[str]) -> tuple[DictConfig, list]:
+    """(the experiment with the options applied, its compare.models entries)."""
+    merged = OmegaConf.merge(load_with_includes(cfg_path), parse_options(options))
     entries = list((merged.get("compare") or {}).get("models") or [])
     if not entries:
         raise KeyError(f"{cfg_path}: compare.models lists no model")
+    return merged, entries
+
+
+def entry_config(cfg_path: Path, index: int, options: list[str]) -> tuple[str, DictConfig]:
+    """(entry name, the experiment whose `model` is the entry's, evaluation only)."""
+    merged, entries = compare_config(cfg_path, options)
     entry = entries[index]
     merged.model = entry.model
     merged.run.evaluate = True
@@ -40,23 +49,19 @@ def entry_config(cfg_path: Path, index: int, options: list[str]) -> tuple[str, s
         merged.model.load_finetuned = True
         merged.model.finetuned = entry.checkpoint
     del merged["compare"]
-    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="compare_", delete=False)
-    with handle:
-        handle.write(OmegaConf.to_yaml(merged))
-    return str(entry.name), handle.name
+    return str(entry.name), merged
 
 
 def evaluate_entry(cfg_path: Path, index: int, options: list[str]) -> dict:
     """Runs in the worker process: build, evaluate the test splits, measure."""
     import lavis_ademvl  # noqa: F401
-    from lavis_ademvl.common.launch import build_runner, parse_args, prepare
+    from lavis_ademvl.common.launch import prepare
 
-    name, entry_path = entry_config(cfg_path, index, options)
+    name, experiment = entry_config(cfg_path, index, options)
     try:
-        cfg, task, datasets, model, job_id = prepare(parse_args("compare", ["--cfg-path", entry_path]))
+        runner = prepare(experiment).build_runner()
     except Exception as error:  # noqa: BLE001  (any loading failure means: report and go on)
         return {"name": name, "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-    runner = build_runner(cfg, task, datasets, model, job_id)
     model = runner.unwrap_dist_model(runner.model)  # moved to the device once, before timing
     runner.dataloaders  # noqa: B018  (groups the datasets by split)
     num_samples = sum(len(runner.datasets[split]) for split in runner.test_splits)
@@ -94,28 +99,20 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg-path", type=Path, required=True)
-    parser.add_argument("--options", nargs="+", default=[])
-    parser.add_argument("--out", type=Path, help="markdown file for the table (default: print only)")
-    parser.add_argument("--entry", type=int, help=argparse.SUPPRESS)  # worker mode
-    args = parser.parse_args(argv)
+    args = PARSER.parse_args(argv)
     if args.entry is not None:
         print(RESULT_PREFIX + json.dumps(evaluate_entry(args.cfg_path, args.entry, args.options)), flush=True)
         return 0
-    try:
-        count = len(load_with_includes(args.cfg_path).compare.models)
-    except Exception as error:  # noqa: BLE001
-        print(f"error: {args.cfg_path}: needs compare.models ({error})", file=sys.stderr)
-        return 2
+    _, entries = compare_config(args.cfg_path, args.options)
     results = []
-    for index in range(count):
+    for index in range(len(entries)):
         command = [sys.executable, "-m", "lavis_ademvl.compare", "--cfg-path", str(args.cfg_path), "--entry", str(index)]
         if args.options:
             command += ["--options", *args.options]
         finished = subprocess.run(command, capture_output=True, text=True)
-        lines = [l for l in finished.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+        lines = [line for line in finished.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
         if finished.returncode != 0 or not lines:
             tail = (finished.stderr or finished.stdout).strip().splitlines()[-1:] or ["no output"]
             results.append({"name": f"entry {index}", "skipped": f"evaluation failed: {tail[0][:300]}"})

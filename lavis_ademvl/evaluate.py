@@ -5,16 +5,12 @@ Unlike LAVIS's evaluate.py, the runner comes from `run.runner` instead of being 
 """
 from __future__ import annotations
 
+import sys
+
 import lavis_ademvl  # noqa: F401  (registers the model, data, task and runner)
-from lavis_ademvl.common.launch import build_runner, finish, parse_args, prepare
+from lavis_ademvl.common.launch import lavis_script
 
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args("Evaluation", argv)
-    cfg, task, datasets, model, job_id = prepare(args)
-    build_runner(cfg, task, datasets, model, job_id).evaluate(skip_reload=True)
-    finish()
-
+main = lavis_script("lavis_ademvl.evaluate", __doc__, lambda runner: runner.evaluate(skip_reload=True))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,12 +7,14 @@ The model is built on PyTorch's meta device from configurations only: a local fo
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import lavis_ademvl  # noqa: F401
-from lavis_ademvl.common.inference import load_config
+from lavis_ademvl.common.cli import entry_point, tool_parser
+from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.models.ademvl import AdemVL
+
+PARSER = tool_parser("lavis_ademvl.params", __doc__)
 
 GROUPS = {
     "visual_key_offset": "E1 (key offset)",
@@ -40,17 +42,10 @@ def report(model: AdemVL) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.params", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg-path", required=True)
-    parser.add_argument("--options", nargs="+", default=[])
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.cfg_path, args.options)
-        print(report(AdemVL.on_meta_device(config.model)))
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = PARSER.parse_args(argv)
+    print(report(AdemVL.on_meta_device(load_experiment(args.cfg_path, args.options).config.model)))
     return 0
 
 

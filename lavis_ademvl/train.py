@@ -2,16 +2,12 @@
 installed also as `python -m lavis.train` (lavis_ademvl_discovery.py)."""
 from __future__ import annotations
 
+import sys
+
 import lavis_ademvl  # noqa: F401  (registers the model, data, task and runner)
-from lavis_ademvl.common.launch import build_runner, finish, parse_args, prepare
+from lavis_ademvl.common.launch import lavis_script
 
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args("Training", argv)
-    cfg, task, datasets, model, job_id = prepare(args)
-    build_runner(cfg, task, datasets, model, job_id).train()
-    finish()
-
+main = lavis_script("lavis_ademvl.train", __doc__, lambda runner: runner.train())
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ training; a map cell shows the fraction of (text token, layer) pairs that keep t
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -17,27 +16,21 @@ from pathlib import Path
 import torch
 
 import lavis_ademvl  # noqa: F401  (registers processors)
-from lavis_ademvl.common.images import load_image
-from lavis_ademvl.common.inference import MULTIPLE_CHOICE_TASK, load_for_inference, question_batch
+from lavis_ademvl.common.cli import entry_point
+from lavis_ademvl.inference import (
+    MULTIPLE_CHOICE_TASK,
+    answer,
+    load_for_inference,
+    question_batch,
+    question_parser,
+    read_question,
+)
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import activate, kept_mask
-from lavis_ademvl.tasks.scienceqa import answer_questions
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.visualize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg-path", required=True)
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--question", default="", help="question (default: none, the model's prompt alone)")
-    parser.add_argument("--choices", nargs="+", help="answer options, for multiple-choice models")
-    parser.add_argument("--context", default="", help="hint text of a multiple-choice question")
-    parser.add_argument("--caption", default="", help="image caption for the context, when the config uses captions")
-    parser.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--options", nargs="+", default=[])
-    return parser.parse_args(argv)
+PARSER = question_parser("lavis_ademvl.visualize", __doc__)
+PARSER.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
+PARSER.add_argument("--out", required=True, help="PNG file to write")
 
 
 @torch.no_grad()
@@ -88,24 +81,23 @@ def draw(image, masks: torch.Tensor, scales: list[int], layer: str, out: Path) -
     plt.close(figure)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        image = load_image(args.image)
-        model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
-        num_layers = len(model.decoder_layers())
-        if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < num_layers):
-            raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{num_layers - 1}")
-        samples = question_batch(config, processor, image, args.question, args.choices, args.context, args.caption)
-        samples["image"] = samples["image"].to(model.device)
-        masks = kept_masks(model, samples)
-        draw(image, masks, model.config.down_sample_num, args.layer, Path(args.out))
-        if config.run.get("task", "") == MULTIPLE_CHOICE_TASK:
-            outputs, predictions = answer_questions(model, samples, config.run.get("inference_method", "generate"))
-            print(f"answer: {predictions[0] or 'none'} ({outputs[0]!r})")
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = PARSER.parse_args(argv)
+    if not args.image:
+        raise ValueError("give --image: drop maps are drawn over an image")
+    question = read_question(args)
+    model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
+    num_layers = len(model.decoder_layers())
+    if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < num_layers):
+        raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{num_layers - 1}")
+    samples = question_batch(config, processor, question)
+    samples["image"] = samples["image"].to(model.device)
+    masks = kept_masks(model, samples)
+    draw(question.image, masks, model.config.down_sample_num, args.layer, Path(args.out))
+    if config.run.get("task", "") == MULTIPLE_CHOICE_TASK:
+        chosen = answer(model, samples, config, question)
+        print(f"answer: {chosen.choice or 'none'} ({chosen.output!r})")
     print(args.out)
     return 0
 

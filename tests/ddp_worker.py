@@ -8,10 +8,11 @@ import torch
 import torch.distributed as dist
 
 import lavis_ademvl  # noqa: F401
-from lavis_ademvl.common.launch import build_runner, finish, parse_args, prepare
+from lavis_ademvl.common.cli import tool_parser
+from lavis_ademvl.common.launch import finish, prepare
 
-out_dir, argv = sys.argv[1], sys.argv[2:]
-cfg, task, datasets, model, job_id = prepare(parse_args("DDP test", argv))
-build_runner(cfg, task, datasets, model, job_id).train()
-torch.save(model.trainable_state_dict(), f"{out_dir}/rank{dist.get_rank()}.pt")
+out_dir, args = sys.argv[1], tool_parser("ddp_worker", __doc__).parse_args(sys.argv[2:])
+experiment = prepare(args.cfg_path, args.options)
+experiment.build_runner().train()
+torch.save(experiment.model.trainable_state_dict(), f"{out_dir}/rank{dist.get_rank()}.pt")
 finish()

@@ -42,8 +42,8 @@ def make_coco_caption(root: Path, num_train: int = 8, num_eval: int = 4) -> Path
                         f"one {colour} square", f"a white picture with a {colour} square"]
             evals[split].append({"image": image, "caption": captions})
     _write(root / "annotations" / "coco_karpathy_train.json", train)
-    for split, annotations in evals.items():
-        _write(root / "annotations" / f"coco_karpathy_{split}.json", annotations)
+    for split, entries in evals.items():
+        _write(root / "annotations" / f"coco_karpathy_{split}.json", entries)
     for split in ("val", "test"):
         ground_truth = {
             "images": [{"id": int(a["image"][-16:-4])} for a in evals[split]],

@@ -374,7 +374,9 @@ def test_random_clip_is_seeded_and_loadable(tmp_path):
 
 def test_demo_configs_train_and_evaluate_on_the_real_assets(smollm2_dir, sqa_dir, tmp_path):
     """projects/ademvl/demo: the training config and its evaluation config, on SmolLM2 and a random tower."""
-    from cli import REPO, job_dirs, read_jsonl, run_module
+    from cli import REPO, job_dirs, run_module
+
+    from lavis_ademvl.common.results import read_evaluations
 
     from lavis_ademvl.assets import build_random_clip
 
@@ -384,9 +386,9 @@ def test_demo_configs_train_and_evaluate_on_the_real_assets(smollm2_dir, sqa_dir
     run_module("lavis_ademvl.train", demo / "sqa_smollm2.yaml",
                [*assets, "run.max_epoch=1", f"run.output_dir={tmp_path / 'train'}"], cwd=tmp_path)
     (job,) = job_dirs(tmp_path / "train")
-    (trained,) = [e for e in read_jsonl(job / "evaluate.txt") if e["split"] == "test"]
+    (trained,) = [metrics for split, metrics in read_evaluations(job / "evaluate.txt") if split == "test"]
     run_module("lavis_ademvl.evaluate", demo / "sqa_smollm2_eval.yaml",
                [*assets, f"model.finetuned={job / 'checkpoint_latest.pth'}", f"run.output_dir={tmp_path / 'eval'}"],
                cwd=tmp_path)
-    (evaluated,) = read_jsonl(job_dirs(tmp_path / "eval")[0] / "evaluate.txt")
-    assert evaluated["split"] == "test" and evaluated["Avg"] == trained["Avg"] and evaluated["IMG"] == trained["IMG"]
+    ((split, evaluated),) = read_evaluations(job_dirs(tmp_path / "eval")[0] / "evaluate.txt")
+    assert split == "test" and evaluated["Avg"] == trained["Avg"] and evaluated["IMG"] == trained["IMG"]

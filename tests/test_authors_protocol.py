@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from transformers import LlamaTokenizer, LlamaTokenizerFast
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-from lavis_ademvl.common.inference import load_config
+from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
 from lavis_ademvl.processors.ademvl_processors import autocontrast
 from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
@@ -150,7 +150,7 @@ def quirky_sqa(tmp_path_factory):
 
 
 def scienceqa_datasets(cfg_path, root, options=()):
-    config = load_config(cfg_path, [f"datasets.scienceqa_mc.build_info.data_root={root}", *options])
+    config = load_experiment(cfg_path, [f"datasets.scienceqa_mc.build_info.data_root={root}", *options]).config
     return registry.get_builder_class("scienceqa_mc")(config.datasets.scienceqa_mc).build_datasets()
 
 
@@ -241,7 +241,7 @@ def test_token_ids_and_labels_equal_theirs(quirky_sqa, sentencepiece_tokenizer):
     train = [datasets["train"][i] for i in range(len(datasets["train"]))]
     test = [datasets["test"][i] for i in range(len(datasets["test"]))]
     assert {item["has_image"] for item in train} == {0, 1}
-    paper = load_config(PROJECTS / "sqa.yaml").model
+    paper = load_experiment(PROJECTS / "sqa.yaml").config.model
     for max_len in (paper.max_len, 40, 20):  # the paper's 512, a limit that cuts some answers, one that cuts all
         model = llama_model(folder, truncation=paper.truncation, max_len=max_len)
         encoded = model.encode_batch(collate(train), with_answer=True)
@@ -260,7 +260,7 @@ def test_token_ids_and_labels_equal_theirs(quirky_sqa, sentencepiece_tokenizer):
 
 def test_caption_tokens_equal_theirs(sentencepiece_tokenizer):
     sp, folder = sentencepiece_tokenizer
-    config = load_config(PROJECTS / "coco_caption.yaml", ["datasets.coco_caption.build_info.data_root=/unused"])
+    config = load_experiment(PROJECTS / "coco_caption.yaml", ["datasets.coco_caption.build_info.data_root=/unused"]).config
     text_cfg = config.datasets.coco_caption.text_processor.train
     text_processor = registry.get_processor_class(text_cfg.name).from_config(text_cfg)
     model = llama_model(folder, prompt=config.model.prompt, truncation=config.model.truncation, max_len=config.model.max_len)
@@ -272,8 +272,8 @@ def test_caption_tokens_equal_theirs(sentencepiece_tokenizer):
         assert our_sequence(encoded, row) == their_caption_training_sequence(sp, caption)
     assert len(our_sequence(encoded, 1)[0]) == 30  # the long caption was cut, its eos too
     eval_model = llama_model(folder, prompt=config.model.prompt, truncation=config.model.truncation,
-                             max_len=load_config(PROJECTS / "eval" / "coco_caption.yaml",
-                                                 ["datasets.coco_caption.build_info.data_root=/unused"]).model.max_len)
+                             max_len=load_experiment(PROJECTS / "eval" / "coco_caption.yaml",
+                                                 ["datasets.coco_caption.build_info.data_root=/unused"]).config.model.max_len)
     for generator in (model, eval_model):
         encoded = generator.encode_batch({"image": torch.zeros(1, 3, 32, 32)}, with_answer=False, reserve=config.run.max_len)
         expected = their_generation_prompt(sp, "a picture of", True, max_gen_len=20)
@@ -281,7 +281,7 @@ def test_caption_tokens_equal_theirs(sentencepiece_tokenizer):
 
 
 def test_caption_decoding_follows_eval_caption():
-    config = load_config(PROJECTS / "eval" / "coco_caption.yaml", ["datasets.coco_caption.build_info.data_root=/unused"])
+    config = load_experiment(PROJECTS / "eval" / "coco_caption.yaml", ["datasets.coco_caption.build_info.data_root=/unused"]).config
     assert (config.run.num_beams, config.run.max_len, config.run.min_len) == (1, 20, 0)  # greedy, 20 tokens
     pattern = compile_caption_pattern(config.run.caption_pattern)
     for text in ["a picture of a dog on a bench", "a dog", "picture of two cats\nand more", "a picture of", ""]:
@@ -292,7 +292,7 @@ def test_caption_decoding_follows_eval_caption():
 
 
 def processor(cfg_path, dataset: str, role: str):
-    config = load_config(cfg_path, [f"datasets.{dataset}.build_info.data_root=/unused"])
+    config = load_experiment(cfg_path, [f"datasets.{dataset}.build_info.data_root=/unused"]).config
     cfg = config.datasets[dataset].vis_processor[role]
     return registry.get_processor_class(cfg.name).from_config(cfg)
 
@@ -392,7 +392,7 @@ def test_every_shipped_experiment_config_is_valid(cfg_path):
     from lavis_ademvl.models.config import TRUNCATIONS, AdemVLConfig
 
     names = list(load_with_includes(cfg_path).get("datasets") or {})
-    config = load_config(cfg_path, [f"datasets.{name}.build_info.data_root=/unused" for name in names])
+    config = load_experiment(cfg_path, [f"datasets.{name}.build_info.data_root=/unused" for name in names]).config
     assert AdemVLConfig.from_dict(config.model).truncation in TRUNCATIONS
     for name in names:
         dataset = config.datasets[name]

@@ -14,10 +14,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli import REPO, TINY_SQA, job_dirs, read_jsonl
+from cli import REPO, TINY_SQA, job_dirs
 
 import lavis_ademvl.evaluate
 import lavis_ademvl.train
+from lavis_ademvl.common.results import read_evaluations
 from lavis_ademvl_discovery import ENV_VAR, discovery_enabled
 
 PTH = REPO / "lavis_ademvl_discovery.pth"
@@ -227,4 +228,4 @@ def test_lavis_script_without_the_plugin_import_trains_ademvl(sqa_root, tmp_path
     run_python(code, "--cfg-path", str(TINY_SQA), "--options", *options, cwd=tmp_path)
     (job,) = job_dirs(tmp_path / "out")
     assert (job / "checkpoint_latest.pth").is_file()
-    assert [e["split"] for e in read_jsonl(job / "evaluate.txt")] == ["val", "test"]
+    assert [split for split, _ in read_evaluations(job / "evaluate.txt")] == ["val", "test"]

@@ -209,14 +209,22 @@ def test_missing_local_files_are_named(tmp_path):
 
 
 def test_config_includes_merge_and_drop_null_splits(tmp_path):
-    from lavis_ademvl.common.config_files import drop_null_splits, load_with_includes, materialize
+    from lavis_ademvl.common.config_files import drop_null_splits, load_experiment, load_with_includes, written_config
 
-    merged = load_with_includes(REPO / "projects" / "ademvl" / "eval" / "vqav2.yaml")
+    eval_vqav2 = REPO / "projects" / "ademvl" / "eval" / "vqav2.yaml"
+    merged = load_with_includes(eval_vqav2)
     assert merged.run.evaluate is True and merged.run.task == "ademvl_vqa"
     assert merged.datasets.coco_vqa.build_info.annotations.train is None
     drop_null_splits(merged.datasets)
     assert set(merged.datasets.coco_vqa.build_info.annotations) == {"val", "test"}
-    assert OmegaConf.load(materialize(REPO / "projects" / "ademvl" / "eval" / "vqav2.yaml")).model.load_finetuned is True
+    # The loader of training, evaluation and the tools: defaults under the experiment, the options over both.
+    config = load_experiment(eval_vqav2, ["datasets.coco_vqa.build_info.data_root=/data", "model.alpha=0.5"]).config
+    assert set(config.datasets.coco_vqa.build_info.annotations) == {"val", "test"}  # null splits dropped
+    assert config.model.load_finetuned is True and config.model.alpha == 0.5
+    assert config.model.drop_ratio == 0.1 and config.preprocess.vis_processor.eval.name == "ademvl_image_eval"
+    with written_config(merged) as path:
+        assert OmegaConf.load(path).run.task == "ademvl_vqa"
+    assert not path.exists()  # the merged copy is removed after use
     (tmp_path / "a.yaml").write_text("includes: [b.yaml]\n")
     (tmp_path / "b.yaml").write_text("includes: [a.yaml]\n")
     with pytest.raises(ValueError, match="cycle"):

@@ -1,7 +1,6 @@
 """The parameter report: the paper's counts from configs alone, nothing downloaded or allocated."""
 from __future__ import annotations
 
-import pytest
 from cli import REPO
 
 from lavis_ademvl import params
@@ -35,9 +34,9 @@ def test_local_config_json_and_unknown_model(tmp_path, capsys):
 
 
 def test_meta_model_allocates_nothing():
-    from lavis_ademvl.common.inference import load_config
+    from lavis_ademvl.common.config_files import load_experiment
     from lavis_ademvl.models.ademvl import AdemVL
 
-    model = AdemVL.on_meta_device(load_config(SQA).model)
+    model = AdemVL.on_meta_device(load_experiment(SQA).config.model)
     assert all(p.is_meta for p in model.parameters())
     assert model.parameter_counts()["trainable"] == 4_505_856

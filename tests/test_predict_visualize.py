@@ -9,10 +9,12 @@ import pytest
 import torch
 from cli import REPO, TINY_SQA, job_dirs
 from PIL import Image
+from lavis_fixtures import make_coco_caption
 from scienceqa_fixture import make_scienceqa
 
 from lavis_ademvl import evaluate, predict, visualize
-from lavis_ademvl.common.inference import load_for_inference
+from lavis_ademvl.tasks.captioning import karpathy_image_id
+from lavis_ademvl.inference import load_for_inference
 from lavis_ademvl.models.fusion import drop_threshold_rank
 
 DEBUG_CAPTION = TINY_SQA.parent / "coco_caption_tiny.yaml"
@@ -62,11 +64,23 @@ def test_predict_multiple_choice(image_file, checkpoint, capsys):
     assert capsys.readouterr().out.strip() in ("(A) red", "(B) green", "(C) blue")  # rank always picks one
 
 
-def test_predict_caption_and_question(image_file, capsys):
-    options = ["--options", "datasets.coco_caption.build_info.data_root=/unused"]
-    assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(image_file), *options]) == 0
-    assert isinstance(capsys.readouterr().out, str)
-    assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(image_file), "--question", "what?", *options]) == 0
+def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
+    """Without a question, predict prints the caption the caption task's evaluation wrote for the same image."""
+    root = make_coco_caption(tmp_path / "coco", num_train=4, num_eval=2)
+    options = [f"datasets.coco_caption.build_info.data_root={root}"]
+    assert evaluate.main(["--cfg-path", str(DEBUG_CAPTION), "--options", *options, f"run.output_dir={tmp_path / 'out'}",
+                          "run.evaluate=true", "run.caption_metrics=[bleu]"]) == 0
+    (job,) = job_dirs(tmp_path / "out")
+    captions = {r["image_id"]: r["caption"] for r in json.loads((job / "result" / "test_epochbest.json").read_text())}
+    images = json.loads((root / "annotations" / "coco_karpathy_test.json").read_text())
+    assert len(captions) == len(images) == 2
+    capsys.readouterr()
+    for entry in images:
+        argv = ["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / entry["image"]), "--options", *options]
+        assert predict.main(argv) == 0
+        assert capsys.readouterr().out.strip() == captions[karpathy_image_id(entry["image"])], entry["image"]
+    assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / images[0]["image"]),
+                         "--question", "what?", "--options", *options]) == 0
 
 
 @pytest.mark.parametrize(

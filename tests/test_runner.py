@@ -13,6 +13,7 @@ from cli import REPO, TINY_SQA, job_dirs, read_jsonl, run_module
 from lavis.common.registry import registry
 
 from lavis_ademvl.common.optims import LinearWarmupCosineIterLRScheduler
+from lavis_ademvl.common.results import read_evaluations
 
 
 def sqa_options(root, output_dir, *extra):
@@ -63,8 +64,8 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(sqa_root, tmp_path):
     # Training moved the weights: the zero-initialised value offset is no longer zero.
     assert rank0["visual_value_offset"].abs().sum() > 0
     (job,) = job_dirs(tmp_path / "out")
-    evaluations = read_jsonl(job / "evaluate.txt")
-    assert evaluations[-1]["counts"]["Avg"] == 8  # padded duplicates of the distributed sampler are removed
+    split, evaluation = read_evaluations(job / "evaluate.txt")[-1]
+    assert split == "test" and evaluation["counts"]["Avg"] == 8  # padded duplicates of the distributed sampler are removed
 
 
 def test_per_iteration_warmup_cosine():

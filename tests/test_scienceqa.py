@@ -11,6 +11,8 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 from scienceqa_fixture import make_scienceqa
 
+from lavis_ademvl import evaluate, train
+from lavis_ademvl.common.results import read_evaluations
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import build_prompt
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, first_capital_letter, scienceqa_metrics
 
@@ -92,10 +94,11 @@ def test_train_two_iterations_then_evaluate(sqa_root, tmp_path, method, package)
     (job,) = job_dirs(tmp_path / "out")
     train_log = [entry for entry in read_jsonl(job / "log.txt") if "train_loss" in entry]
     assert len(train_log) == 1 and float(train_log[0]["train_loss"]) > 0
-    evaluations = read_jsonl(job / "evaluate.txt")
-    assert [e["split"] for e in evaluations] == ["val", "test"]
+    records = read_evaluations(job / "evaluate.txt")
+    assert [split for split, _ in records] == ["val", "test"]
+    evaluations = [metrics for _, metrics in records]
     for evaluation in evaluations:
-        assert set(TABLE_COLUMNS) <= set(evaluation) and "agg_metrics" in evaluation
+        assert set(TABLE_COLUMNS) <= set(evaluation) and "agg_metrics" in evaluation and evaluation["epoch"] in (0, "best")
     predictions = json.loads((job / "result" / "test_epochbest.json").read_text())
     assert len(predictions) == 8 and len({p["question_id"] for p in predictions}) == 8
     accuracy = 100 * sum(p["prediction"] == p["answer"] for p in predictions) / 8
@@ -121,8 +124,8 @@ def test_train_two_iterations_then_evaluate(sqa_root, tmp_path, method, package)
         cwd=tmp_path,
     )
     (eval_job,) = job_dirs(tmp_path / "eval")
-    (evaluation,) = read_jsonl(eval_job / "evaluate.txt")
-    assert evaluation["split"] == "test"
+    ((split, evaluation),) = read_evaluations(eval_job / "evaluate.txt")
+    assert split == "test"
     assert {c: evaluation[c] for c in TABLE_COLUMNS} == {c: evaluations[-1][c] for c in TABLE_COLUMNS}
 
 
@@ -175,7 +178,20 @@ def test_unknown_run_key_is_named(sqa_root, tmp_path):
         cwd=tmp_path,
         check=False,
     )
-    assert result.returncode != 0 and "unknown run config key(s) ['max_epochs']" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: unknown run config key(s) ['max_epochs']; known keys: [")
+
+
+@pytest.mark.parametrize("tool", [train, evaluate])
+def test_bad_config_path_and_option_end_with_an_error_line(tool, sqa_root, tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert tool.main(["--cfg-path", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: config file not found: {missing}\n"
+    options = [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", f"run.output_dir={tmp_path}"]
+    assert tool.main(["--cfg-path", str(TINY_SQA), "--options", *options, "model.fusion=late"]) == 2
+    assert capsys.readouterr().err.endswith("error: fusion='late' is not supported; choose one of ['adem', 'prefix', 'none']\n")
+    assert tool.main(["--cfg-path", str(TINY_SQA), "--options", *options, "run.max_epoch"]) == 2
+    assert capsys.readouterr().err.endswith("error: --options 'run.max_epoch': give key=value pairs, e.g. run.max_epoch=5\n")
 
 
 def test_captions_file_is_read_only_for_the_roles_that_use_it(sqa_root):

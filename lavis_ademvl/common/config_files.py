@@ -1,16 +1,28 @@
-"""`includes:` for experiment yamls, so a variant states only what differs from its base config.
+"""Experiment configs: `includes:`, the one loader that training, evaluation and the tools share, and merged copies.
 
-A yaml may start with `includes: [base.yaml, ...]` (paths relative to the yaml); the bases are merged in order,
-then the yaml itself on top. An annotation split set to null (`datasets.X.build_info.annotations.train: null`)
-is left out, e.g. so an evaluation config does not need the training files. LAVIS's Config then reads the merged
-file as usual.
+A yaml may start with `includes: [base.yaml, ...]` (paths relative to the yaml); the bases are merged in order, then
+the yaml itself on top, so a variant states only what differs from its base. An annotation split set to null
+(`datasets.X.build_info.annotations.train: null`) is left out, e.g. so an evaluation config does not need the
+training files.
+
+`load_experiment` gives LAVIS's `Config` of an experiment (a path or an in-memory config) and `--options` overrides,
+merged as LAVIS merges them: the model type's defaults under `model` (and its `preprocess`), each dataset's defaults
+under `datasets`, the experiment over the defaults, the options over everything. The options also choose which
+defaults are read (`model.model_type=llama13b` reads llama13b.yaml's).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lavis.common.config import Config
+from lavis.common.registry import registry
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 def load_with_includes(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -36,11 +48,55 @@ def drop_null_splits(datasets_cfg: DictConfig) -> None:
                 del annotations[split]
 
 
-def materialize(path: str | Path) -> str:
-    """The path LAVIS should read: `path` itself, or a merged copy when it has includes."""
-    if "includes" not in OmegaConf.load(path):
-        return str(path)
-    merged = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lavis_ademvl_", delete=False)
-    with merged:
-        merged.write(OmegaConf.to_yaml(load_with_includes(path)))
-    return merged.name
+def parse_options(options: Sequence[str]) -> DictConfig:
+    """`key=value` overrides (or, as LAVIS's Config takes them, `key value` pairs) as a config; a malformed one is
+    named."""
+    options = list(options)
+    if options and "=" not in options[0]:
+        options = [f"{key}={value}" for key, value in zip(options[0::2], options[1::2])]
+    dotlist = options
+    for option in dotlist:
+        if "=" not in option:
+            raise ValueError(f"--options {option!r}: give key=value pairs, e.g. run.max_epoch=5")
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"--options {' '.join(dotlist)}: {error}") from error
+
+
+class ExperimentConfig(Config):
+    """LAVIS's `Config` (run_cfg, model_cfg, datasets_cfg, ...) of an experiment, read by `load_experiment`."""
+
+    def __init__(self, experiment: DictConfig, options: Sequence[str], source: str) -> None:
+        # Config.__init__ reads one yaml file; the merge below is its own, over the options-applied experiment.
+        self.args = argparse.Namespace(cfg_path=source, options=list(options))
+        registry.register("configuration", self)
+        user = parse_options(options)
+        experiment = OmegaConf.merge(experiment, user)
+        if experiment.get("model") is None:
+            raise KeyError(f"{source}: the config has no `model` section")
+        parts = [{"run": experiment.get("run") or {}}, self.build_model_config(experiment)]
+        if experiment.get("datasets"):
+            parts.append(self.build_dataset_config(experiment))
+        self.config = OmegaConf.merge(*parts, user)
+        if self.config.get("datasets"):
+            drop_null_splits(self.config.datasets)
+
+
+def load_experiment(experiment: str | Path | DictConfig, options: Sequence[str] = ()) -> ExperimentConfig:
+    """The merged config of an experiment yaml (with includes) or in-memory config, and key=value `options`."""
+    if isinstance(experiment, DictConfig):
+        return ExperimentConfig(experiment, options, source="the experiment config")
+    return ExperimentConfig(load_with_includes(experiment), options, source=str(experiment))
+
+
+@contextlib.contextmanager
+def written_config(config: DictConfig, prefix: str = "lavis_ademvl_") -> Iterator[Path]:
+    """`config` as a temporary yaml file (for another process to read), removed when the block ends."""
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=prefix, delete=False)
+    try:
+        with handle:
+            handle.write(OmegaConf.to_yaml(config))
+        yield Path(handle.name)
+    finally:
+        os.unlink(handle.name)

@@ -1,22 +1,48 @@
-"""Reading the test metrics a finished `lavis_ademvl.train` run wrote to its evaluate.txt."""
+"""evaluate.txt, a run's metrics: one JSON line per evaluation, in LAVIS's record shape {split: {metric: value}}.
+
+Our tasks write it with `write_evaluation`; `read_evaluations` and `finished_test_metrics` read it, also the flat
+records {metric: value} that some of LAVIS's own tasks (e.g. `gqa`) write without their split, and the ScienceQA
+records of runs from before this shape, {"split": split, metric: value}, so that their finished runs are reused.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from lavis.common.registry import registry
+
+EVALUATION_FILE = "evaluate.txt"
 
 
-def finished_test_metrics(run_dir: Path) -> dict | None:
-    """The test-split metrics of the newest job under run_dir that finished its test evaluation, else None.
+def write_evaluation(split: str, metrics: dict[str, Any], output_dir: str | Path | None = None) -> None:
+    """Append {split: metrics} to the run's evaluate.txt (default folder: the runner's output_dir)."""
+    folder = Path(output_dir if output_dir is not None else registry.get_path("output_dir"))
+    with open(folder / EVALUATION_FILE, "a") as handle:
+        handle.write(json.dumps({split: metrics}) + "\n")
 
-    evaluate.txt holds one JSON line per evaluation: {"split": "test", ...} (ScienceQA) or {"test": {...}}.
-    """
-    for evaluate_file in sorted(Path(run_dir).glob("*/evaluate.txt"), reverse=True):
-        for line in reversed(evaluate_file.read_text().splitlines()):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record.get("split") == "test":
-                return record
-            if isinstance(record.get("test"), dict):
-                return record["test"]
+
+def read_evaluations(path: str | Path) -> list[tuple[str | None, dict[str, Any]]]:
+    """(split, metrics) of each record of an evaluate.txt, in order; split None for a flat record."""
+    evaluations = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if len(record) == 1 and isinstance(next(iter(record.values())), dict):
+            ((split, metrics),) = record.items()
+            evaluations.append((split, metrics))
+        elif isinstance(record.get("split"), str):
+            evaluations.append((record["split"], {k: v for k, v in record.items() if k != "split"}))
+        else:
+            evaluations.append((None, record))
+    return evaluations
+
+
+def finished_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """The test-split metrics of the newest job under run_dir that finished its test evaluation, else None."""
+    for evaluate_file in sorted(Path(run_dir).glob(f"*/{EVALUATION_FILE}"), reverse=True):
+        tests = [metrics for split, metrics in read_evaluations(evaluate_file) if split == "test"]
+        if tests:
+            return tests[-1]
     return None

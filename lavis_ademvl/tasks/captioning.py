@@ -15,15 +15,14 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from lavis.common.dist_utils import main_process
-from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
 
 from lavis_ademvl.common.caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, score_captions
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.common.results import write_evaluation
 from lavis_ademvl.common.validation import check_choice
 
 
@@ -136,6 +135,5 @@ class OfflineCaptionTask(CaptionTask):
         scores["num_images"] = len(predictions)
         scores["agg_metrics"] = scores.get("CIDEr", 0.0) + scores.get("Bleu_4", 0.0)
         logging.info("captioning %s: %s", split_name, scores)
-        with open(Path(registry.get_path("output_dir")) / "evaluate.txt", "a") as handle:
-            handle.write(json.dumps({split_name: scores}) + "\n")
+        write_evaluation(split_name, scores)
         return scores

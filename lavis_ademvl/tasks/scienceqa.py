@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any, Iterable
 
@@ -12,6 +11,7 @@ from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.common.results import write_evaluation
 from lavis_ademvl.common.validation import check_choice
 
 INFERENCE_METHODS = ("generate", "rank")
@@ -149,6 +149,5 @@ class ScienceQAMCTask(BaseTask):
             records = json.load(handle)
         metrics = scienceqa_metrics(records)
         logging.info("ScienceQA %s (%d questions):\n%s", split_name, len(records), format_table({"ADEM-VL": metrics}))
-        with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as handle:
-            handle.write(json.dumps({"split": split_name, "epoch": epoch, **metrics}) + "\n")
+        write_evaluation(split_name, {**metrics, "epoch": epoch})
         return metrics

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from lavis.common.dist_utils import main_process
-from lavis.common.registry import registry
 from lavis.common.vqa_tools.vqa import VQA
 from lavis.common.vqa_tools.vqa_eval import VQAEval
 from lavis.tasks.vqa import VQATask
 
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.common.results import write_evaluation
 
 
 def official_vqa_subset(annotation_file: str, question_file: str, question_ids: set[int]) -> VQA:
@@ -57,6 +56,5 @@ class SubsetVQATask(VQATask):
             return {}
         metrics = vqa_accuracy(self.anno_files[split], self.ques_files[split], result_file)
         logging.info("VQA %s accuracy: %s", split, metrics)
-        with open(Path(registry.get_path("output_dir")) / "evaluate.txt", "a") as handle:
-            handle.write(json.dumps({split: metrics}) + "\n")
+        write_evaluation(split, metrics)
         return metrics

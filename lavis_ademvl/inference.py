@@ -1,0 +1,173 @@
+"""One-off use of a trained ADEM-VL (`predict`, `visualize`): the model from an experiment config and checkpoint, a
+question's batch built as the config's evaluation split builds it, and its answer by the task's own answering path.
+
+Each task has an `AnsweringPath`: how one question becomes a batch, and how the model's answer to it is read. The
+multiple-choice task `scienceqa_mc` uses its dataset's sample maker and `tasks.scienceqa.answer_questions` (so a
+prediction equals the evaluation's); every other task uses the open path (a VQA question in the config's prompt, or a
+caption when no question is given). A new task with its own protocol adds its path to `ANSWERING_PATHS`.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lavis.common.registry import registry
+from omegaconf import DictConfig
+from PIL import Image
+
+from lavis_ademvl.common.cli import add_device_argument, tool_parser
+from lavis_ademvl.common.config_files import load_experiment
+from lavis_ademvl.common.dist import resolve_device
+from lavis_ademvl.common.images import load_image
+from lavis_ademvl.common.seeding import seed_everything
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
+from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
+from lavis_ademvl.tasks.scienceqa import answer_questions
+
+MULTIPLE_CHOICE_TASK = "scienceqa_mc"
+
+
+@dataclass
+class Question:
+    """What a user asks: an image (optional for multiple choice), a question (none: a caption), answer options, and
+    for multiple choice the hint (`context`) and the caption captions.json would add."""
+
+    image: Image.Image | None
+    text: str | None = None
+    choices: list[str] = field(default_factory=list)
+    context: str = ""
+    caption: str = ""
+
+
+@dataclass
+class Answer:
+    text: str  # as `predict` prints it
+    output: str  # the model's own output
+    choice: str = ""  # multiple choice: the chosen option's letter ("" when none)
+
+
+@dataclass
+class AnsweringPath:
+    batch: Callable[[DictConfig, Any, Question], dict[str, Any]]
+    answer: Callable[[AdemVL, dict[str, Any], DictConfig, Question], Answer]
+
+
+def question_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The arguments of a tool that asks the model one question (`predict`, `visualize`)."""
+    parser = tool_parser(module, doc)
+    parser.add_argument("--checkpoint", help="a checkpoint written by lavis_ademvl.train or released by the authors")
+    parser.add_argument("--image", help="image file (optional for multiple-choice questions)")
+    parser.add_argument("--question", help="question; none: caption the image")
+    parser.add_argument("--choices", nargs="+", default=[], help="answer options, for multiple-choice models")
+    parser.add_argument("--context", default="", help="hint text of a multiple-choice question")
+    parser.add_argument("--caption", default="", help="image caption for the context, when the config uses captions")
+    add_device_argument(parser)
+    return parser
+
+
+def read_question(args: argparse.Namespace) -> Question:
+    """The question of the command line; a bad image fails here, before any weights are loaded."""
+    image = load_image(args.image) if args.image else None
+    return Question(image, args.question, list(args.choices), args.context, args.caption)
+
+
+def load_for_inference(
+    cfg_path: str | Path, checkpoint: str | None, options: list[str] | None = None, device: str = "auto"
+) -> tuple[AdemVL, Any, DictConfig]:
+    """(model in eval mode on the device, evaluation image processor, merged config).
+
+    The random state is seeded as `lavis_ademvl.train`/`.evaluate` seed it before building the model, so a frozen
+    tower initialised at random (a `llm_config`/`vision_config` model) is the one the checkpoint was trained with."""
+    config = load_experiment(cfg_path, options or []).config
+    if checkpoint is not None:  # instead of the config's own model.finetuned, if any
+        config.model.load_finetuned, config.model.finetuned = True, checkpoint
+    seed_everything(int(config.run.get("seed", 42)))
+    model = AdemVL.from_config(config.model)
+    model = model.to(torch.device(resolve_device(device))).eval()
+    return model, eval_image_processor(config), config
+
+
+def eval_image_processor(config: DictConfig) -> Any:
+    """The evaluation image transform of the config's first dataset, else of the model type."""
+    processor_cfg = None
+    for dataset in (config.get("datasets") or {}).values():
+        processor_cfg = (dataset.get("vis_processor") or {}).get("eval")
+        break
+    processor_cfg = processor_cfg or config.preprocess.vis_processor.eval
+    return registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
+
+
+def answering_path(config: DictConfig) -> AnsweringPath:
+    return ANSWERING_PATHS.get(config.run.get("task", ""), OPEN_PATH)
+
+
+def question_batch(config: DictConfig, processor: Any, question: Question) -> dict[str, Any]:
+    """A batch of one sample, as the config's evaluation split would build it."""
+    return answering_path(config).batch(config, processor, question)
+
+
+def answer(model: AdemVL, batch: dict[str, Any], config: DictConfig, question: Question) -> Answer:
+    """The model's answer to a `question_batch`, read as the config's task reads it."""
+    batch["image"] = batch["image"].to(model.device)
+    return answering_path(config).answer(model, batch, config, question)
+
+
+# ---------------------------------------------------------------------- multiple choice (scienceqa_mc)
+
+
+def multiple_choice_batch(config: DictConfig, processor: Any, question: Question) -> dict[str, Any]:
+    """Made by the ScienceQA builder's evaluation sample maker (its image and text processors, prompt style and
+    format, answer format); `context` is the hint, `caption` what captions.json would add."""
+    if not question.text or not question.choices:
+        raise ValueError("this config answers multiple-choice questions (task scienceqa_mc): give --question and --choices")
+    builder = registry.get_builder_class(MULTIPLE_CHOICE_TASK)(config.datasets[MULTIPLE_CHOICE_TASK])
+    builder.check_keys()
+    if question.caption and not builder.uses_captions(training=False):
+        raise ValueError("--caption: this config evaluates without captions (datasets.scienceqa_mc.build_info.use_caption)")
+    builder.build_processors()
+    problem = {"question": question.text, "choices": list(question.choices), "hint": question.context}
+    return collate([builder.sample_maker(training=False)(problem, question.image, question.caption)])
+
+
+def answer_multiple_choice(model: AdemVL, batch: dict[str, Any], config: DictConfig, question: Question) -> Answer:
+    outputs, predictions = answer_questions(model, batch, config.run.get("inference_method", "generate"))
+    letters = batch["choices"][0]
+    if predictions[0] not in letters:
+        return Answer(f"no option chosen ({outputs[0]!r})", outputs[0])
+    return Answer(f"({predictions[0]}) {question.choices[letters.index(predictions[0])]}", outputs[0], predictions[0])
+
+
+# ---------------------------------------------------------------------- open questions and captions
+
+
+def open_batch(config: DictConfig, processor: Any, question: Question) -> dict[str, Any]:
+    """The image through `processor`, and the question (if any) as text_input."""
+    if question.choices:
+        raise ValueError(f"--choices is for multiple-choice models; this config's task is {config.run.get('task', '')!r}")
+    if question.image is None:
+        raise ValueError("give --image")
+    batch: dict[str, Any] = {"image": processor(question.image).unsqueeze(0), "has_image": torch.ones(1, dtype=torch.long)}
+    if question.text:
+        batch["text_input"] = [question.text]
+    return batch
+
+
+def answer_open(model: AdemVL, batch: dict[str, Any], config: DictConfig, question: Question) -> Answer:
+    """The question answered with the run's VQA prompt and decoding, or the image captioned as the caption task does."""
+    run = config.run
+    num_beams, max_len = int(run.get("num_beams", 5)), int(run.get("max_len", 30))
+    if question.text:
+        prompt = run.get("prompt") or None
+        text = model.predict_answers(batch, inference_method="generate", num_beams=num_beams, max_len=max_len, prompt=prompt)[0]
+        return Answer(text, text)
+    caption = model.generate(batch, num_beams=num_beams, max_length=max_len, min_length=int(run.get("min_len", 1)))[0]
+    return Answer(extract_caption(caption, compile_caption_pattern(run.get("caption_pattern"))), caption)
+
+
+ANSWERING_PATHS: dict[str, AnsweringPath] = {MULTIPLE_CHOICE_TASK: AnsweringPath(multiple_choice_batch, answer_multiple_choice)}
+OPEN_PATH = AnsweringPath(open_batch, answer_open)
