@@ -1,5 +1,6 @@
 # make install: create $(VENV) (default .venv here) and install everything into it.
 # make test:    install if needed, then run the test suite offline.
+# make lint:    install if needed, then check the code with ruff (rules in pyproject.toml).
 # make demo:    install if needed, then train and evaluate ADEM-VL and a text-only baseline offline on CPU.
 VENV ?= .venv
 PYTHON ?= python3
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lavis-ademvl-installed
 
-.PHONY: install test demo clean
+.PHONY: install test lint demo clean
 
 install: $(STAMP)
 
@@ -24,6 +25,9 @@ $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt lavis_ademvl_discove
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check .
 
 demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore $(PY) -m lavis_ademvl.demo

@@ -19,9 +19,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,7 +56,8 @@ SHAPES = {
                           image_size=224, patch_size=14), 4, 256, [256, 64], torch.bfloat16),
     # For a smoke run of the script itself.
     "tiny": Shape("tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
-                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=2),
+                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                       patch_size=2),
                   2, 32, [256, 64], torch.float32),
 }
 
@@ -174,7 +175,8 @@ def analytic_flops(shape: Shape, fusion: str, context: int, num_patches: int) ->
     vocab = shape.llm["vocab_size"]
     tokens = context + (num_patches + 1 if fusion == "prefix" else 0) + (1 if fusion == "adem" else 0)
     projections = 2 * d * (d + 2 * d * kv_heads // heads + d) + 2 * 3 * d * inter
-    attention = 2 * 2 * d * tokens  # scores and weighted sum against all previous tokens (average position ~ tokens / 2, x2 causal)
+    # Scores and weighted sum against all previous tokens (average position ~ tokens / 2, x2 causal).
+    attention = 2 * 2 * d * tokens
     per_token = layers * (projections + attention / 2) + 2 * d * vocab
     flops = tokens * per_token
     if fusion == "adem":

@@ -17,7 +17,6 @@ import lavis_ademvl  # noqa: F401  (registers processors)
 from lavis_ademvl.common.cli import entry_point
 from lavis_ademvl.inference import answer, load_for_inference, question_batch, question_parser, read_question
 
-
 PARSER = question_parser("lavis_ademvl.predict", __doc__)
 
 

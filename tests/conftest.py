@@ -10,8 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lavis_ademvl  # noqa: E402,F401
 from scienceqa_fixture import make_scienceqa  # noqa: E402
+
+import lavis_ademvl  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -376,9 +376,8 @@ def test_demo_configs_train_and_evaluate_on_the_real_assets(smollm2_dir, sqa_dir
     """projects/ademvl/demo: the training config and its evaluation config, on SmolLM2 and a random tower."""
     from cli import REPO, job_dirs, run_module
 
-    from lavis_ademvl.common.results import read_evaluations
-
     from lavis_ademvl.assets import build_random_clip
+    from lavis_ademvl.common.results import read_evaluations
 
     demo = REPO / "projects" / "ademvl" / "demo"
     assets = [f"datasets.scienceqa_mc.build_info.data_root={sqa_dir}", f"model.llm_model={smollm2_dir}",

@@ -50,7 +50,7 @@ def their_example(problem: dict, prompt_format: str, use_caption: bool) -> tuple
     context = " ".join([problem["hint"], problem["caption"] if use_caption else ""]).strip()
     if context == "":
         context = "N/A"
-    choice = " ".join("({}) {}".format(THEIR_OPTIONS[i], c) for i, c in enumerate(problem["choices"]))
+    choice = " ".join(f"({THEIR_OPTIONS[i]}) {c}" for i, c in enumerate(problem["choices"]))
     answer = THEIR_OPTIONS[problem["answer"]]
     if prompt_format.split("-")[0] == "CQM":
         text = f"Context: {context}\nQuestion: {question}\nOptions: {choice}\n"
@@ -203,7 +203,7 @@ def llama_model(folder, **overrides):
 def our_sequence(encoded, row: int) -> tuple[list, list]:
     """(tokens with the image slot marked, labels with IGNORED) of one row of an EncodedBatch, padding removed."""
     keep = encoded.attention_mask[row].bool()
-    ids, slots, labels = encoded.input_ids[row][keep].tolist(), encoded.slot_mask[row][keep].tolist(), encoded.labels[row][keep].tolist()
+    ids, slots, labels = (tensor[row][keep].tolist() for tensor in (encoded.input_ids, encoded.slot_mask, encoded.labels))
     return [SLOT if slot else token for token, slot in zip(ids, slots)], [IGNORED if label == -100 else label for label in labels]
 
 
@@ -230,7 +230,8 @@ def test_paper_configs_write_their_scienceqa_text(quirky_sqa):
             assert [item["text_input"] + item["answer_cue"] + c for c in item["candidates"]] == [
                 f"{their_eval_prompt(problem)} {letter}." for letter in letters
             ]
-        assert any(problems[pid]["caption"] in test[i]["text_input"] for i, pid in enumerate(test.pids) if problems[pid]["caption"])
+        captioned = [(i, problems[pid]["caption"]) for i, pid in enumerate(test.pids) if problems[pid]["caption"]]
+        assert any(caption in test[i]["text_input"] for i, caption in captioned)
 
 
 def test_token_ids_and_labels_equal_theirs(quirky_sqa, sentencepiece_tokenizer):
@@ -250,7 +251,8 @@ def test_token_ids_and_labels_equal_theirs(quirky_sqa, sentencepiece_tokenizer):
             assert our_sequence(encoded, row) == their_training_sequence(sp, prompt, answer, bool(item["has_image"]), max_len)
         encoded = model.encode_batch(collate(test), with_answer=False, reserve=1)  # one new token, as eval_sqa.py
         for row, item in enumerate(test):
-            expected = their_generation_prompt(sp, their_eval_prompt(problems[item["question_id"]]), bool(item["has_image"]), 1, max_len)
+            prompt = their_eval_prompt(problems[item["question_id"]])
+            expected = their_generation_prompt(sp, prompt, bool(item["has_image"]), 1, max_len)
             assert our_sequence(encoded, row) == (expected, [IGNORED] * len(expected))
     # With the 20-token limit every answer was cut away: the loss is zero, and still reaches every trainable weight.
     loss = model(collate(train))["loss"]
@@ -281,7 +283,7 @@ def test_caption_tokens_equal_theirs(sentencepiece_tokenizer):
 
 
 def test_caption_decoding_follows_eval_caption():
-    config = load_experiment(PROJECTS / "eval" / "coco_caption.yaml", ["datasets.coco_caption.build_info.data_root=/unused"]).config
+    config = load_experiment(PROJECTS / "eval" / "coco_caption.yaml", ["datasets.coco_caption.build_info.data_root=/x"]).config
     assert (config.run.num_beams, config.run.max_len, config.run.min_len) == (1, 20, 0)  # greedy, 20 tokens
     pattern = compile_caption_pattern(config.run.caption_pattern)
     for text in ["a picture of a dog on a bench", "a dog", "picture of two cats\nand more", "a picture of", ""]:
@@ -308,14 +310,16 @@ def test_scienceqa_pixels_are_theirs(wide_image):
     theirs = transforms.Compose([transforms.Resize((224, 224), interpolation=Image.BICUBIC), transforms.ToTensor(),
                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # util/datasets.py, eval_sqa.py
     expected = theirs(wide_image)
-    for cfg, role in ((PROJECTS / "sqa.yaml", "train"), (PROJECTS / "sqa.yaml", "eval"), (PROJECTS / "eval" / "sqa.yaml", "eval")):
+    roles = ((PROJECTS / "sqa.yaml", "train"), (PROJECTS / "sqa.yaml", "eval"), (PROJECTS / "eval" / "sqa.yaml", "eval"))
+    for cfg, role in roles:
         assert torch.equal(processor(cfg, "scienceqa_mc", role)(wide_image), expected), (cfg, role)
 
 
 def test_caption_pixels_are_theirs(wide_image):
     theirs_eval = transforms.Compose([transforms.Resize((224, 224), interpolation=InterpolationMode.BICUBIC),
                                       transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    assert torch.equal(processor(PROJECTS / "eval" / "coco_caption.yaml", "coco_caption", "eval")(wide_image), theirs_eval(wide_image))
+    ours_eval = processor(PROJECTS / "eval" / "coco_caption.yaml", "coco_caption", "eval")
+    assert torch.equal(ours_eval(wide_image), theirs_eval(wide_image))
 
     # Their training transform, with their RandomAugment: LAVIS's, except that their AutoContrast is PIL's.
     their_augment = randaugment.RandomAugment(2, 5, isPIL=True, augs=[

@@ -45,9 +45,11 @@ def test_visual_memory_changes_generation(model):
     batch["image"][1] = batch["image"][0]
     texts = model.generate(batch, num_beams=3, max_length=8)
     assert texts[0] == texts[1]
-    other = samples([1], seed=5, questions=[QUESTIONS[0]])
-    assert any(model.generate(samples([1], seed=s, questions=[QUESTIONS[0]]), num_beams=3, max_length=8)[0] != texts[0] for s in range(5, 12))
-    assert other["image"].shape == (1, 3, 32, 32)
+    others = [model.generate(samples([1], seed=s, questions=[QUESTIONS[0]]), num_beams=3, max_length=8)[0] for s in range(5, 12)]
+    assert any(text != texts[0] for text in others)
+    # Without an image, the placeholder tensor is not seen: any two give the same text.
+    blind = [model.generate(samples([0], seed=s, questions=[QUESTIONS[0]]), num_beams=3, max_length=8)[0] for s in (5, 6)]
+    assert blind[0] == blind[1]
 
 
 def test_captions_follow_the_model_prompt(model):
@@ -56,7 +58,8 @@ def test_captions_follow_the_model_prompt(model):
     assert len(captions) == 4
     prompts, _, _ = model.sample_texts(batch, with_answer=False)
     assert prompts == ["a picture of ", "a picture of "]
-    assert model.generate(batch, num_beams=3, max_length=6, prompt="a picture of ") == model.generate(batch, num_beams=3, max_length=6)
+    with_prompt = model.generate(batch, num_beams=3, max_length=6, prompt="a picture of ")
+    assert with_prompt == model.generate(batch, num_beams=3, max_length=6)
 
 
 def test_nucleus_sampling_returns_num_captions(model):

@@ -86,7 +86,8 @@ def test_train_two_iterations_and_evaluate(case, tmp_path):
 def test_evaluate_entry_point_with_a_finetuned_checkpoint(tmp_path):
     root = make_coco_caption(tmp_path / "data")
     common = [f"datasets.coco_caption.build_info.data_root={root}", "run.caption_metrics=[bleu,cider]"]
-    run_offline("lavis_ademvl.train", DEBUG / "coco_caption_tiny.yaml", [*common, f"run.output_dir={tmp_path / 'train'}"], tmp_path)
+    train_options = [*common, f"run.output_dir={tmp_path / 'train'}"]
+    run_offline("lavis_ademvl.train", DEBUG / "coco_caption_tiny.yaml", train_options, tmp_path)
     (job,) = job_dirs(tmp_path / "train")
     run_offline(
         "lavis_ademvl.evaluate", DEBUG / "coco_caption_tiny.yaml",
@@ -165,7 +166,8 @@ def write_vqa_files(tmp_path, answers_per_question, predictions):
         questions.append({"image_id": qid, "question": "q?", "question_id": qid})
         annotations.append({"question_id": qid, "image_id": qid, "question_type": "what", "answer_type": "other",
                             "multiple_choice_answer": answers[0],
-                            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]})
+                            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                        for i, a in enumerate(answers)]})
     (tmp_path / "a.json").write_text(json.dumps({**header, "annotations": annotations}))
     (tmp_path / "q.json").write_text(json.dumps({**header, "questions": questions}))
     (tmp_path / "r.json").write_text(json.dumps([{"question_id": q, "answer": a} for q, a in predictions.items()]))
@@ -179,7 +181,8 @@ def write_vqa_files(tmp_path, answers_per_question, predictions):
     [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)],
 )
 def test_official_vqa_accuracy(tmp_path, humans_agreeing, accuracy):
-    answers = ["cat"] * humans_agreeing + ["dog", "bird", "fish", "cow", "pig", "ant", "bee", "owl", "elk", "yak"][: 10 - humans_agreeing]
+    others = ["dog", "bird", "fish", "cow", "pig", "ant", "bee", "owl", "elk", "yak"]
+    answers = ["cat"] * humans_agreeing + others[: 10 - humans_agreeing]
     files = write_vqa_files(tmp_path, {1: answers}, {1: "cat"})
     assert vqa_accuracy(*files)["agg_metrics"] == pytest.approx(100 * accuracy)
 
@@ -195,8 +198,10 @@ def test_vqa_accuracy_on_a_subset_of_questions(tmp_path):
 
 
 def test_missing_local_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"run.caption_gt_files.test: caption ground-truth file not found: {tmp_path}/gt.json"):
-        OfflineCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=False, ground_truth_files={"test": str(tmp_path / "gt.json")})
+    missing = f"run.caption_gt_files.test: caption ground-truth file not found: {tmp_path}/gt.json"
+    with pytest.raises(FileNotFoundError, match=missing):
+        OfflineCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=False,
+                           ground_truth_files={"test": str(tmp_path / "gt.json")})
     config = OmegaConf.create({"coco_caption": {"data_type": "images", "build_info": {
         "annotations": {"train": {"url": str(tmp_path / "train.json"), "storage": str(tmp_path / "train.json")}},
         "images": {"storage": str(tmp_path)}}}})

@@ -1,11 +1,16 @@
 """The ADEM-VL model on tiny random LLaMA + CLIP configs (real Hugging Face classes)."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import make_batch, tiny_config, tiny_model
+from omegaconf import OmegaConf
 
 from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.models.config import AdemVLConfig, markdown_table
 from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool
 from lavis_ademvl.models.towers import cpu_has_native_bfloat16, vision_features
 
@@ -320,6 +325,20 @@ def test_checkpoints_of_the_sequential_layout_load(tmp_path):
     for other in loaded:
         for name, value in ours.items():
             torch.testing.assert_close(other.trainable_state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("model_type", sorted(AdemVL.PRETRAINED_MODEL_CONFIG_DICT))
+def test_every_model_type_yaml_holds_known_keys_and_values(model_type):
+    section = OmegaConf.load(AdemVL.default_config_path(model_type)).model
+    assert AdemVLConfig.from_dict(section).model_type == model_type
+
+
+def test_readme_model_key_table_is_generated_from_the_config():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin, end = "<!-- model keys: begin -->", "<!-- model keys: end -->"
+    table = readme[readme.index(begin) + len(begin) : readme.index(end)].strip()
+    assert table == markdown_table(), "README's model key table is stale: paste `python -m lavis_ademvl.models.config`"
+    assert table.count("\n") == len(dataclasses.fields(AdemVLConfig)) + 1  # header, rule, one row per key
 
 
 def test_from_config_reads_the_yaml_model_type():

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 from cli import REPO, TINY_SQA, job_dirs
-from PIL import Image
 from lavis_fixtures import make_coco_caption
+from PIL import Image
 from scienceqa_fixture import make_scienceqa
 
 from lavis_ademvl import evaluate, predict, visualize
-from lavis_ademvl.tasks.captioning import karpathy_image_id
 from lavis_ademvl.inference import load_for_inference
 from lavis_ademvl.models.fusion import drop_threshold_rank
+from lavis_ademvl.tasks.captioning import karpathy_image_id
 
 DEBUG_CAPTION = TINY_SQA.parent / "coco_caption_tiny.yaml"
 PAPER_SQA_EVAL = REPO / "projects" / "ademvl" / "eval" / "sqa.yaml"

@@ -42,7 +42,10 @@ def test_resume_equals_uninterrupted(sqa_root, tmp_path):
     assert full["epoch"] == resumed["epoch"] == 1
     for key, value in full["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
-    losses = lambda job: [e["train_loss"] for e in read_jsonl(job / "log.txt") if "train_loss" in e]
+
+    def losses(job):
+        return [e["train_loss"] for e in read_jsonl(job / "log.txt") if "train_loss" in e]
+
     assert losses(full_job) == losses(first_job) and len(losses(full_job)) == 2
 
 
@@ -71,7 +74,9 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(sqa_root, tmp_path):
 def test_per_iteration_warmup_cosine():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=0.0)
-    scheduler = LinearWarmupCosineIterLRScheduler(optimizer, max_epoch=4, init_lr=1.0, min_lr=0.1, warmup_epochs=1, iters_per_epoch=10)
+    scheduler = LinearWarmupCosineIterLRScheduler(
+        optimizer, max_epoch=4, init_lr=1.0, min_lr=0.1, warmup_epochs=1, iters_per_epoch=10
+    )
     assert scheduler.step(0, 0) == 0.0
     assert scheduler.step(0, 5) == pytest.approx(0.5)
     assert scheduler.step(1, 0) == pytest.approx(1.0)
@@ -96,6 +101,7 @@ def test_registration_and_reimport():
     assert registry.get_model_class("ademvl").__module__ == ademvl_module.__name__
 
     from lavis.models import BaseModel
+
     from lavis_ademvl.common.registration import register
 
     class Impostor(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from typing import Iterable
+from collections.abc import Iterable
 
 from lavis_ademvl.common.validation import check_choice
 

@@ -1,7 +1,8 @@
 """Registration into LAVIS's process-wide registry that tolerates re-importing our own modules."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from lavis.common.registry import registry
 

@@ -230,7 +230,9 @@ class AdemVL(BaseModel):
 
     # ------------------------------------------------------------------ inputs
 
-    def sample_texts(self, samples: dict, with_answer: bool, prompt: str | None = None) -> tuple[list[str], list[str], list[str | None]]:
+    def sample_texts(
+        self, samples: dict, with_answer: bool, prompt: str | None = None
+    ) -> tuple[list[str], list[str], list[str | None]]:
         """(prompts, answer cues, answers) of a batch; see `PromptEncoder.texts`."""
         return self.processor.texts(samples, with_answer, prompt)
 
@@ -276,7 +278,9 @@ class AdemVL(BaseModel):
         return torch.where(encoded.slot_mask.unsqueeze(-1), placed, embeds)
 
     @contextlib.contextmanager
-    def _llm_inputs(self, samples: dict, encoded: EncodedBatch, visual: VisualInputs | None, expand: int = 1) -> Iterator[torch.Tensor]:
+    def _llm_inputs(
+        self, samples: dict, encoded: EncodedBatch, visual: VisualInputs | None, expand: int = 1
+    ) -> Iterator[torch.Tensor]:
         """Under autocast, the input embeddings of `encoded`, with the batch's visual memory held for the decoder hooks.
         `visual`: inputs already computed for these rows (e.g. shared by several candidates); `expand`: rows per
         sample during generation."""

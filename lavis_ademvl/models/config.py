@@ -1,8 +1,9 @@
 """Every option of the `ademvl` model (the `model:` section of a config): its default, allowed values and meaning.
 
 `AdemVLConfig` is the one place they live. `from_dict` reads a model section, rejecting unknown keys with the list of
-known ones, and `validate` checks every value; `markdown_table` writes the README's table of model keys (a test
-keeps the two equal). A new option is one field here, read where it is used as `config.<name>`.
+known ones, and `validate` checks every value; `markdown_table` writes the README's table of model keys
+(`python -m lavis_ademvl.models.config`; a test keeps the two equal). A new option is one field here, read where it is
+used as `config.<name>`.
 """
 from __future__ import annotations
 
@@ -48,10 +49,12 @@ class AdemVLConfig:
     load_pretrained: bool = option(False, "LAVIS key, unused: the frozen towers come from `llm_model`/`vision_model`")
     pretrained: str | None = option(None, "LAVIS key, unused")
     # The frozen towers (models/towers.py).
-    llm_model: str | None = option(None, "hub name or local folder of a LLaMA-family causal LM (or `llm_config`)")
-    llm_config: dict | None = option(None, "a dict for a randomly initialised `LlamaConfig` (instead of `llm_model`)")
-    tokenizer: str | None = option(None, "hub name, folder, or `byte_level` (file-free, for random models); null: the LLM's")
-    vision_model: str | None = option(None, "CLIP vision tower: hub name or local folder (or `vision_config`)")
+    llm_model: str | None = option(
+        None, "hub name or local folder of a LLaMA-family causal LM (exactly one of it and `llm_config`)"
+    )
+    llm_config: dict | None = option(None, "a dict for a randomly initialised `LlamaConfig`")
+    tokenizer: str | None = option(None, "hub name, folder, or `byte_level` (file-free, for random models); null: the LLM's own")
+    vision_model: str | None = option(None, "CLIP vision tower: hub name or local folder (exactly one of it and `vision_config`)")
     vision_config: dict | None = option(None, "a dict for a randomly initialised `CLIPVisionConfig`")
     llm_dtype: str = option("bfloat16", "dtype of the frozen towers on CUDA (with autocast)", LLM_DTYPES)
     cpu_dtype: str = option(
@@ -82,17 +85,15 @@ class AdemVLConfig:
     pooling: str = option("avg", "pooling of the multiscale features (Table IX)", POOLINGS)
     with_cls: bool = option(True, "the [cls] token in the LLM input (Table X)")
     num_visual_input_tokens: int = option(0, "extra pooled visual tokens in the LLM input, a square (Table X)")
-    alpha: float = option(0.1, "fusion scale")
-    beta: float = option(0.01, "visual-feature scale")
+    alpha: float = option(0.1, "scale of the fused feature added in each decoder layer")
+    beta: float = option(0.01, "scale of the projected visual features X_v")
     drop_ratio: float = option(0.1, "dropped fraction gamma of each text token's visual features, in [0, 1)")
-    hidden_proj: int = option(128, "width of the low-rank projections W' and [cls]")
+    hidden_proj: int = option(128, "hidden width of the low-rank projections W' and [cls]")
     adapter_dim: int = option(12, "rank of the vision adapters")
     adapter_scale: float = option(0.1, "scale of the vision adapters")
-    adapter_dropout: float = option(0.1, "dropout inside the vision adapters, in [0, 1)")
+    adapter_dropout: float = option(0.1, "dropout inside the vision adapters")
     # The text (models/processing.py).
-    max_len: int = option(
-        512, "sequence limit; with generation: of the prompt (`middle`), or of prompt and new tokens (`end`)"
-    )
+    max_len: int = option(512, "sequence limit; with generation: of the prompt (`middle`), or of prompt and new tokens (`end`)")
     truncation: str = option(
         "middle",
         "`middle` (ours): only the prompt is cut, in its middle, never the [cls] slot, answer cue or answer; `end` (the "
@@ -168,3 +169,7 @@ def markdown_table() -> str:
         values = ", ".join(_cell(choice) for choice in choices) if choices else "-"
         lines.append(f"| `{config_field.name}` | {_cell(default)} | {values} | {config_field.metadata['meaning']} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -117,11 +117,7 @@ def load_llm(
         )
     if config is not None:
         return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-    name_or_path = os.path.expanduser(name_or_path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
-    except OSError as error:
-        raise OSError(f"model.llm_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+    return _pretrained(AutoModelForCausalLM, "llm_model", name_or_path, dtype)
 
 
 def load_vision_tower(name_or_path: str | None, config: dict | None, dtype: torch.dtype) -> CLIPVisionModel:
@@ -129,11 +125,15 @@ def load_vision_tower(name_or_path: str | None, config: dict | None, dtype: torc
         raise KeyError("give exactly one of `vision_model` (hub name or local folder) and `vision_config` (random init)")
     if config is not None:
         return CLIPVisionModel(CLIPVisionConfig(**config)).to(dtype)
+    return _pretrained(CLIPVisionModel, "vision_model", name_or_path, dtype)
+
+
+def _pretrained(model_cls: type, key: str, name_or_path: str, dtype: torch.dtype) -> PreTrainedModel:
     name_or_path = os.path.expanduser(name_or_path)
     try:
-        return CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=dtype)
+        return model_cls.from_pretrained(name_or_path, torch_dtype=dtype)
     except OSError as error:
-        raise OSError(f"model.vision_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+        raise OSError(f"model.{key}={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
 
 
 def freeze_llm(llm: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:

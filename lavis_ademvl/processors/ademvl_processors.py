@@ -96,7 +96,8 @@ class AdemImageTrainProcessor(BlipImageBaseProcessor):
         check_choice("ademvl_image_train.resize", resize, TRAIN_RESIZES)
         check_choice("ademvl_image_train.augment", augment, AUGMENTS)
         if resize == "random_crop":
-            steps = [transforms.RandomResizedCrop(image_size, scale=(min_scale, max_scale), interpolation=InterpolationMode.BICUBIC)]
+            scale = (min_scale, max_scale)
+            steps = [transforms.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC)]
         else:
             steps = [transforms.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)]
         steps.append(_convert_to_rgb)
@@ -108,7 +109,7 @@ class AdemImageTrainProcessor(BlipImageBaseProcessor):
         return self.transform(item)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig | None = None) -> "AdemImageTrainProcessor":
+    def from_config(cls, cfg: DictConfig | None = None) -> AdemImageTrainProcessor:
         choices = {"normalize": tuple(NORMALIZATIONS), "resize": TRAIN_RESIZES, "augment": AUGMENTS}
         cfg = _read_config(cfg, choices, {"image_size", "min_scale", "max_scale"}, "ademvl_image_train")
         mean, std = NORMALIZATIONS[cfg.get("normalize", "clip")]
@@ -147,7 +148,7 @@ class AdemImageEvalProcessor(BlipImageBaseProcessor):
         return self.transform(item)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig | None = None) -> "AdemImageEvalProcessor":
+    def from_config(cls, cfg: DictConfig | None = None) -> AdemImageEvalProcessor:
         cfg = _read_config(cfg, {"normalize": tuple(NORMALIZATIONS), "resize": EVAL_RESIZES}, {"image_size"}, "ademvl_image_eval")
         mean, std = NORMALIZATIONS[cfg.get("normalize", "clip")]
         return cls(image_size=cfg.get("image_size", 224), mean=mean, std=std, resize=cfg.get("resize", "center_crop"))
@@ -161,7 +162,7 @@ class AdemTextProcessor(BaseProcessor):
         return re.sub(r"[ \t]+", " ", text).strip()
 
     @classmethod
-    def from_config(cls, cfg: DictConfig | None = None) -> "AdemTextProcessor":
+    def from_config(cls, cfg: DictConfig | None = None) -> AdemTextProcessor:
         cfg = cfg if cfg is not None else OmegaConf.create()
         unknown = sorted(set(cfg.keys()) - {"name"})
         if unknown:

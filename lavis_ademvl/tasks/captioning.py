@@ -88,7 +88,7 @@ class OfflineCaptionTask(CaptionTask):
         self.ground_truth: dict[str, dict[int, list[str]]] = {}
 
     @classmethod
-    def setup_task(cls, cfg: Any, **kwargs: Any) -> "OfflineCaptionTask":
+    def setup_task(cls, cfg: Any, **kwargs: Any) -> OfflineCaptionTask:
         run_cfg = cfg.run_cfg
         return cls(
             num_beams=run_cfg.get("num_beams", 5),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
@@ -33,7 +34,8 @@ def matching_option(text: str, letters: list[str], options: list[str]) -> str:
     exact = [letter for letter, option in zip(letters, options) if option.lower() == answer]
     if exact:
         return exact[0]
-    prefixes = sorted((len(o), l) for l, o in zip(letters, options) if o and answer.startswith(o.lower()))
+    named = [(len(option), letter) for letter, option in zip(letters, options) if option and answer.startswith(option.lower())]
+    prefixes = sorted(named)
     return prefixes[-1][1] if prefixes else ""
 
 
@@ -117,7 +119,7 @@ class ScienceQAMCTask(BaseTask):
         self.inference_method = inference_method
 
     @classmethod
-    def setup_task(cls, cfg: Any, **kwargs: Any) -> "ScienceQAMCTask":
+    def setup_task(cls, cfg: Any, **kwargs: Any) -> ScienceQAMCTask:
         return cls(inference_method=cfg.run_cfg.get("inference_method", "generate"))
 
     def valid_step(self, model: Any, samples: dict) -> list[dict]:

@@ -42,7 +42,9 @@ def for_split(value: Any, key: str, training: bool) -> Any:
     if not isinstance(value, (dict, DictConfig)):
         return value
     if set(value.keys()) != set(SPLIT_ROLES):
-        raise KeyError(f"datasets.scienceqa_mc.{key} per split needs exactly the keys {list(SPLIT_ROLES)}, got {sorted(value.keys())}")
+        raise KeyError(
+            f"datasets.scienceqa_mc.{key} per split needs exactly the keys {list(SPLIT_ROLES)}, got {sorted(value.keys())}"
+        )
     return value["train" if training else "eval"]
 
 
@@ -144,10 +146,8 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
             name = problems[pid].get("image")
             if not name:
                 continue
-            found = next(
-                (root / "images" / folder / pid / name for folder in IMAGE_FOLDERS if (root / "images" / folder / pid / name).is_file()),
-                None,
-            )
+            candidates = (root / "images" / folder / pid / name for folder in IMAGE_FOLDERS)
+            found = next((path for path in candidates if path.is_file()), None)
             if found is None:
                 missing.append(str(root / "images" / "<split>" / pid / name))
             else:

@@ -16,8 +16,9 @@ Two ways to write a question (`prompt_style`), each in the QCM (question, contex
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image

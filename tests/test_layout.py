@@ -1,0 +1,40 @@
+"""The package's layering: `common/` depends on nothing above it, and no tool reaches into the model's privates."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lavis_ademvl"
+ABOVE_COMMON = ("lavis_ademvl.models", "lavis_ademvl.tasks", "lavis_ademvl.datasets", "lavis_ademvl.runners",
+                "lavis_ademvl.processors")
+TOOLS = sorted(PACKAGE.glob("*.py")) + [PACKAGE.parent / "benchmarks" / "fusion_speed.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "common").glob("*.py")), ids=lambda path: path.name)
+def test_common_imports_nothing_above_it(path):
+    above = sorted(m for m in imported_modules(path) if m == "lavis_ademvl" or m.startswith(ABOVE_COMMON))
+    assert above == [], f"common/{path.name} imports {above}"
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=lambda path: path.name)
+def test_tools_read_no_private_attribute(path):
+    private = sorted(
+        f"{ast.unparse(node)} (line {node.lineno})"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    )
+    assert private == [], f"{path.name} reads private attributes: {private}"
