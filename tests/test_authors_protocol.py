@@ -16,6 +16,7 @@ import sentencepiece as spm
 import torch
 from cli import REPO
 from helpers import TINY_CONFIG, tiny_model
+from instruct_fixtures import make_all_data
 from lavis.common.registry import registry
 from lavis.processors import randaugment
 from PIL import Image, ImageOps
@@ -280,6 +281,26 @@ def test_caption_tokens_equal_theirs(sentencepiece_tokenizer):
         encoded = generator.encode_batch({"image": torch.zeros(1, 3, 32, 32)}, with_answer=False, reserve=config.run.max_len)
         expected = their_generation_prompt(sp, "a picture of", True, max_gen_len=20)
         assert our_sequence(encoded, 0) == (expected, [IGNORED] * len(expected))
+
+
+def test_instruction_tokens_equal_theirs(tmp_path, sentencepiece_tokenizer):
+    """util/datasets.py InstrcutDataSet: prompt = the entry's instruction, target = its answer, tokenized as their
+    ScienceQA examples are (the same tokenize), on projects/ademvl/instruct.yaml's model text settings."""
+    sp, folder = sentencepiece_tokenizer
+    root = make_all_data(tmp_path)
+    entries = json.loads((root / "all_data.json").read_text())["all"]
+    entries[1]["answer"] = LONG_CAPTION * 2  # cut at max_len below
+    (root / "all_data.json").write_text(json.dumps({"all": entries}))
+    config = load_experiment(PROJECTS / "instruct.yaml", [f"datasets.ademvl_instruct.build_info.data_root={root}",
+                                                          "datasets.ademvl_instruct.vis_processor.train.image_size=32"]).config
+    train = registry.get_builder_class("ademvl_instruct")(config.datasets.ademvl_instruct).build_datasets()["train"]
+    items = [train[i] for i in range(len(train))]
+    for max_len in (config.model.max_len, 40):
+        model = llama_model(folder, truncation=config.model.truncation, max_len=max_len)
+        encoded = model.encode_batch(collate(items), with_answer=True)
+        for row, entry in enumerate(entries):
+            expected = their_training_sequence(sp, entry["instruction"], entry["answer"], entry["image"] is not None, max_len)
+            assert our_sequence(encoded, row) == expected
 
 
 def test_caption_decoding_follows_eval_caption():

@@ -3,6 +3,12 @@
 Layout of one sequence: <bos>? image-prefix [slot] prompt cue answer <eos>, left-padded so that every sequence's last
 token sits in the last column. `truncation` decides what is cut from a sequence longer than `max_len` (see
 `AdemVLConfig.truncation`).
+
+A multi-turn sample (`conversation`: its turns, each a (prompt, answer) pair) is a sequence of several such segments
+after one image prefix: <bos>? image-prefix [slot] prompt1 answer1 <eos> prompt2 answer2 <eos> ...; each turn is
+tokenized as a single-turn sample's text is, and its answer tokens and <eos> carry the labels. Only the first turn is
+ever cut (as a single-turn sample is); later turns that do not fit in `max_len` are dropped whole, so the image slot
+stays and no turn's labels are split.
 """
 from __future__ import annotations
 
@@ -31,6 +37,15 @@ class EncodedBatch:
 
     def to(self, device: torch.device | str) -> EncodedBatch:
         return EncodedBatch(*(tensor.to(device) for tensor in (self.input_ids, self.attention_mask, self.slot_mask, self.labels)))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One segment of a sequence: a prompt, the answer cue, and the answer (None when generating)."""
+
+    prompt: str
+    cue: str = ""
+    answer: str | None = None
 
 
 class PromptEncoder:
@@ -74,11 +89,9 @@ class PromptEncoder:
 
     def encode(self, samples: dict, with_answer: bool, prompt: str | None = None, reserve: int = 0) -> EncodedBatch:
         """The batch on the CPU; `reserve`: the number of tokens generation will add."""
-        prompts, cues, answers = self.texts(samples, with_answer, prompt)
-        has_image = image_flags(samples, len(prompts))
-        encoded = [
-            self.encode_sample(p, c, a, bool(h), reserve) for p, c, a, h in zip(prompts, cues, answers, has_image.tolist())
-        ]
+        conversations = self.turns(samples, with_answer, prompt)
+        has_image = image_flags(samples, len(conversations))
+        encoded = [self.encode_turns(turns, bool(h), reserve) for turns, h in zip(conversations, has_image.tolist())]
         length = max(len(ids) for ids, _, _ in encoded)
         batch = len(encoded)
         input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -94,10 +107,19 @@ class PromptEncoder:
                 slot_mask[row, offset + slot_start : offset + slot_start + self.slot_length] = True
         return EncodedBatch(input_ids, attention_mask, slot_mask, labels)
 
-    def encode_sample(
-        self, prompt: str, cue: str, answer: str | None, with_slot: bool, reserve: int = 0
-    ) -> tuple[list[int], int, list[int]]:
-        """Token ids, the index of the first image-slot token (-1 if none), and labels (-100 = no loss)."""
+    def turns(self, samples: dict, with_answer: bool, prompt: str | None = None) -> list[list[Turn]]:
+        """The turns of each sample: a `conversation` field's (training only), else one turn from `texts`."""
+        if "conversation" in samples:
+            if not with_answer:
+                raise ValueError("multi-turn `conversation` samples are for training; generation takes one prompt")
+            return [[Turn(turn_prompt, "", answer) for turn_prompt, answer in turns] for turns in samples["conversation"]]
+        return [[Turn(p, c, a)] for p, c, a in zip(*self.texts(samples, with_answer, prompt))]
+
+    def encode_turns(self, turns: Sequence[Turn], with_slot: bool, reserve: int = 0) -> tuple[list[int], int, list[int]]:
+        """Token ids, the index of the first image-slot token (-1 if none), and labels (-100 = no loss) of one sample:
+        its first turn cut as `truncation` says, later turns kept whole or dropped."""
+        if not turns:
+            raise ValueError("a sample needs at least one turn")
         tok = self.tokenizer
         prefix: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
         slot_start = -1
@@ -106,11 +128,28 @@ class PromptEncoder:
             if with_slot:
                 slot_start = len(prefix)
                 prefix += [tok.pad_token_id] * self.slot_length
+        first, *later = turns
         if self.truncation == "end":
-            input_ids, labels = self._encode_whole(prefix, prompt + cue, answer, reserve)
+            input_ids, labels = self._encode_whole(prefix, first.prompt + first.cue, first.answer, reserve)
         else:
-            input_ids, labels = self._encode_protected(prefix, prompt, cue, answer)
+            input_ids, labels = self._encode_protected(prefix, first.prompt, first.cue, first.answer)
+        for index, turn in enumerate(later, start=1):
+            if turn.answer is None:
+                raise ValueError("only a single-turn sample can end without an answer (the prompt to generate after)")
+            turn_ids, turn_labels = self._turn_tokens(turn)
+            if len(input_ids) + len(turn_ids) > self.max_len:
+                self._warn_truncation(f"by dropping whole turns (from turn {index + 1} of {len(turns)})")
+                break
+            input_ids, labels = input_ids + turn_ids, labels + turn_labels
         return input_ids, slot_start, labels
+
+    def _turn_tokens(self, turn: Turn) -> tuple[list[int], list[int]]:
+        """A later turn's ids and labels, tokenized as the first turn's text is, uncut."""
+        if self.truncation == "end":
+            return self._whole_tokens(turn.prompt + turn.cue, turn.answer)
+        prompt_ids, protected, answer_ids = self._protected_tokens(turn.prompt, turn.cue, turn.answer)
+        ids = prompt_ids + protected
+        return ids, [-100] * (len(ids) - len(answer_ids)) + answer_ids
 
     def _warn_truncation(self, where: str) -> None:
         if not self._truncation_warned:
@@ -137,16 +176,40 @@ class PromptEncoder:
             return ids[:limit], [-100] * min(len(ids), limit)
         if self.max_len < len(prefix) + 1:
             raise ValueError(f"max_len={self.max_len} cuts into the image prefix ({len(prefix)} tokens)")
-        num_context = len(tok(context, add_special_tokens=False).input_ids)
-        text_ids = tok(context + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids = prefix + text_ids
-        labels = [-100] * len(prefix) + [-100 if index < num_context else token for index, token in enumerate(text_ids)]
+        text_ids, text_labels = self._whole_tokens(context, answer)
+        ids, labels = prefix + text_ids, [-100] * len(prefix) + text_labels
         if len(ids) > self.max_len:
             self._warn_truncation("at their end (truncation='end'): the answer may be lost")
         return ids[: self.max_len], labels[: self.max_len]
 
+    def _whole_tokens(self, context: str, answer: str) -> tuple[list[int], list[int]]:
+        """The authors' tokens: context and answer as ONE string, then eos; labels from as many tokens as the context
+        has alone."""
+        tok = self.tokenizer
+        num_context = len(tok(context, add_special_tokens=False).input_ids)
+        ids = tok(context + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        return ids, [-100 if index < num_context else token for index, token in enumerate(ids)]
+
     def _encode_protected(self, prefix: list[int], prompt: str, cue: str, answer: str | None) -> tuple[list[int], list[int]]:
         """truncation `middle` (ours): only the prompt may be cut, in its middle; the cue and answer never are."""
+        prompt_ids, protected, answer_ids = self._protected_tokens(prompt, cue, answer)
+        budget = self.max_len - len(prefix) - len(protected)
+        if budget < 0:
+            raise ValueError(
+                f"the image prefix, answer cue and answer take {len(prefix) + len(protected)} tokens, more than "
+                f"max_len={self.max_len}: {(cue + (answer or ''))[:80]!r}"
+            )
+        if len(prompt_ids) > budget:
+            self._warn_truncation("in their prompt's middle (truncation='middle')")
+            head = budget // 2
+            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head) :]
+        input_ids = prefix + prompt_ids + protected
+        labels = [-100] * (len(input_ids) - len(answer_ids)) + answer_ids
+        return input_ids, labels
+
+    def _protected_tokens(self, prompt: str, cue: str, answer: str | None) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, the ids after them: cue, answer and eos, the answer's ids and eos); the prompt's own tokens are
+        those that end within it."""
         tok = self.tokenizer
         # Trailing spaces belong to the answer's first token ("of" + " a", not "of " + "a"), so training and
         # generation see the same token boundary.
@@ -165,19 +228,7 @@ class PromptEncoder:
         if answer is not None:
             answer_ids = answer_ids + [tok.eos_token_id]
             protected = protected + [tok.eos_token_id]
-        budget = self.max_len - len(prefix) - len(protected)
-        if budget < 0:
-            raise ValueError(
-                f"the image prefix, answer cue and answer take {len(prefix) + len(protected)} tokens, more than "
-                f"max_len={self.max_len}: {(cue + (answer or ''))[:80]!r}"
-            )
-        if len(prompt_ids) > budget:
-            self._warn_truncation("in their prompt's middle (truncation='middle')")
-            head = budget // 2
-            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head) :]
-        input_ids = prefix + prompt_ids + protected
-        labels = [-100] * (len(input_ids) - len(answer_ids)) + answer_ids
-        return input_ids, labels
+        return prompt_ids, protected, answer_ids
 
 
 def batch_size(samples: dict) -> int:

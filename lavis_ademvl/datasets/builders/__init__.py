@@ -1,3 +1,4 @@
+from lavis_ademvl.datasets.builders.instruct_builder import InstructionBuilder
 from lavis_ademvl.datasets.builders.scienceqa_builder import ScienceQAMCBuilder
 
-__all__ = ["ScienceQAMCBuilder"]
+__all__ = ["InstructionBuilder", "ScienceQAMCBuilder"]
