@@ -1,5 +1,6 @@
 from lavis_ademvl.tasks.captioning import OfflineCaptionTask
+from lavis_ademvl.tasks.mme import MMETask
 from lavis_ademvl.tasks.scienceqa import ScienceQAMCTask
 from lavis_ademvl.tasks.vqa import SubsetVQATask
 
-__all__ = ["OfflineCaptionTask", "ScienceQAMCTask", "SubsetVQATask"]
+__all__ = ["MMETask", "OfflineCaptionTask", "ScienceQAMCTask", "SubsetVQATask"]
