@@ -1,0 +1,57 @@
+"""Builder `ademvl_mmbench`: MMBench's official TSV, every rotation of every question (circular evaluation)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+
+from lavis_ademvl.common.registration import register
+from lavis_ademvl.common.validation import check_choice, check_known_keys
+from lavis_ademvl.datasets.datasets.mmbench_datasets import MMBenchDataset, read_tsv
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import QuestionFormat, ScienceQASampleMaker
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "ademvl_mmbench"
+DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "type", "prompt_style", "prompt_format",
+                "answer_format"}
+BUILD_INFO_KEYS = {"tsv", "circular"}
+
+
+@register("builder", "ademvl_mmbench")
+class MMBenchBuilder(BaseDatasetBuilder):
+    eval_dataset_cls = MMBenchDataset
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "defaults.yaml")}
+
+    @classmethod
+    def default_config_path(cls, type: str = "default") -> str:
+        check_choice("ademvl_mmbench type", type, tuple(cls.DATASET_CONFIG_DICT))
+        return cls.DATASET_CONFIG_DICT[type]
+
+    def build_datasets(self) -> dict[str, MMBenchDataset]:
+        return self.build()
+
+    def question_format(self) -> QuestionFormat:
+        values = {key: self.config.get(key, default) for key, default in
+                  (("prompt_style", "authors"), ("prompt_format", "QCM-A"), ("answer_format", "letter"))}
+        try:
+            return QuestionFormat(**values, training=False)
+        except ValueError as error:
+            raise ValueError(f"datasets.ademvl_mmbench.{error}") from error
+
+    def build(self) -> dict[str, MMBenchDataset]:
+        check_known_keys("datasets.ademvl_mmbench", set(self.config.keys()), DATASET_KEYS)
+        build_info = self.config.get("build_info") or {}
+        check_known_keys("datasets.ademvl_mmbench.build_info", set(build_info.keys()), BUILD_INFO_KEYS)
+        question_format = self.question_format()
+        circular = build_info.get("circular", True)
+        if not isinstance(circular, bool):
+            raise ValueError(f"datasets.ademvl_mmbench.build_info.circular={circular!r} must be true or false")
+        if not build_info.get("tsv"):
+            raise ValueError("datasets.ademvl_mmbench.build_info.tsv is not set; point it at MMBench's dev TSV")
+        questions = read_tsv(Path(os.path.expanduser(str(build_info.tsv))))
+        self.build_processors()
+        make_sample = ScienceQASampleMaker(question_format, self.vis_processors["eval"], self.text_processors["eval"])
+        dataset = MMBenchDataset(questions, make_sample, circular)
+        logging.info("MMBench %s: %d questions, %d items (circular: %s)", build_info.tsv, len(questions), len(dataset), circular)
+        return {"test": dataset}
