@@ -1,5 +1,6 @@
-"""ADEM-VL for LAVIS: `import lavis_ademvl` registers model `ademvl`, its processors, the `scienceqa_mc`
-builder and task, runner `runner_ademvl` and the `linear_warmup_cosine_iter_lr` scheduler. Installed, it is imported
+"""ADEM-VL for LAVIS: `import lavis_ademvl` registers model `ademvl`, its processors, the `scienceqa_mc`,
+`ademvl_mme` and `ademvl_mmbench` builders and tasks, the `ademvl_instruct` builder, the captioning and VQA tasks,
+runner `runner_ademvl` and the `linear_warmup_cosine_iter_lr` scheduler. Installed, it is imported
 by itself right after `import lavis` (lavis_ademvl_discovery.py)."""
 import os
 

@@ -3,8 +3,10 @@ question's batch built as the config's evaluation split builds it, and its answe
 
 Each task has an `AnsweringPath`: how one question becomes a batch, and how the model's answer to it is read. The
 multiple-choice task `scienceqa_mc` uses its dataset's sample maker and `tasks.scienceqa.answer_questions` (so a
-prediction equals the evaluation's); every other task uses the open path (a VQA question in the config's prompt, or a
-caption when no question is given). A new task with its own protocol adds its path to `ANSWERING_PATHS`.
+prediction equals the evaluation's); a free-form instruction (`--instruction`, to an instruction-tuned model) is asked
+as MME asks its questions ("Instruction: ...\nResponse:", greedy, `run.max_len` new tokens), with or without an image;
+every other task uses the open path (a VQA question in the config's prompt, or a caption when no question is given).
+A new task with its own protocol adds its path to `ANSWERING_PATHS`.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.common.seeding import seed_everything
+from lavis_ademvl.datasets.datasets.instruct_datasets import instruction_prompt
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
+from lavis_ademvl.tasks.mme import MAX_NEW_TOKENS, instruction_outputs
 from lavis_ademvl.tasks.scienceqa import answer_questions
 
 MULTIPLE_CHOICE_TASK = "scienceqa_mc"
@@ -42,6 +46,7 @@ class Question:
     choices: list[str] = field(default_factory=list)
     context: str = ""
     caption: str = ""
+    instruction: str | None = None
 
 
 @dataclass
@@ -63,6 +68,7 @@ def question_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="a checkpoint written by lavis_ademvl.train or released by the authors")
     parser.add_argument("--image", help="image file (optional for multiple-choice questions)")
     parser.add_argument("--question", help="question; none: caption the image")
+    parser.add_argument("--instruction", help="a free-form instruction to an instruction-tuned model (--image optional)")
     parser.add_argument("--choices", nargs="+", default=[], help="answer options, for multiple-choice models")
     parser.add_argument("--context", default="", help="hint text of a multiple-choice question")
     parser.add_argument("--caption", default="", help="image caption for the context, when the config uses captions")
@@ -72,8 +78,10 @@ def question_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
 
 def read_question(args: argparse.Namespace) -> Question:
     """The question of the command line; a bad image fails here, before any weights are loaded."""
+    if args.instruction is not None and (args.question or args.choices):
+        raise ValueError("--instruction is asked alone: leave out --question and --choices")
     image = load_image(args.image) if args.image else None
-    return Question(image, args.question, list(args.choices), args.context, args.caption)
+    return Question(image, args.question, list(args.choices), args.context, args.caption, args.instruction)
 
 
 def load_for_inference(
@@ -102,19 +110,21 @@ def eval_image_processor(config: DictConfig) -> Any:
     return registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
 
 
-def answering_path(config: DictConfig) -> AnsweringPath:
+def answering_path(config: DictConfig, question: Question) -> AnsweringPath:
+    if question.instruction is not None:
+        return INSTRUCTION_PATH
     return ANSWERING_PATHS.get(config.run.get("task", ""), OPEN_PATH)
 
 
 def question_batch(config: DictConfig, processor: Any, question: Question) -> dict[str, Any]:
     """A batch of one sample, as the config's evaluation split would build it."""
-    return answering_path(config).batch(config, processor, question)
+    return answering_path(config, question).batch(config, processor, question)
 
 
 def answer(model: AdemVL, batch: dict[str, Any], config: DictConfig, question: Question) -> Answer:
     """The model's answer to a `question_batch`, read as the config's task reads it."""
     batch["image"] = batch["image"].to(model.device)
-    return answering_path(config).answer(model, batch, config, question)
+    return answering_path(config, question).answer(model, batch, config, question)
 
 
 # ---------------------------------------------------------------------- multiple choice (scienceqa_mc)
@@ -169,5 +179,23 @@ def answer_open(model: AdemVL, batch: dict[str, Any], config: DictConfig, questi
     return Answer(extract_caption(caption, compile_caption_pattern(run.get("caption_pattern"))), caption)
 
 
+# ---------------------------------------------------------------------- free-form instructions
+
+
+def instruction_batch(config: DictConfig, processor: Any, question: Question) -> dict[str, Any]:
+    """The instruction in the authors' prompt, as the MME dataset writes its questions; without an image, a blank
+    placeholder and has_image 0 (the "no image" prefix), as the instruction data's text-only entries."""
+    image = question.image if question.image is not None else Image.new("RGB", (224, 224))
+    return {"image": processor(image).unsqueeze(0), "has_image": torch.tensor([int(question.image is not None)]),
+            "text_input": [instruction_prompt(question.instruction)]}
+
+
+def answer_instruction(model: AdemVL, batch: dict[str, Any], config: DictConfig, question: Question) -> Answer:
+    """Greedy, at most `run.max_len` new tokens (MME's 10 when the config sets none), as the MME task answers."""
+    text = instruction_outputs(model, batch, int(config.run.get("max_len", MAX_NEW_TOKENS)))[0]
+    return Answer(text, text)
+
+
 ANSWERING_PATHS: dict[str, AnsweringPath] = {MULTIPLE_CHOICE_TASK: AnsweringPath(multiple_choice_batch, answer_multiple_choice)}
 OPEN_PATH = AnsweringPath(open_batch, answer_open)
+INSTRUCTION_PATH = AnsweringPath(instruction_batch, answer_instruction)

@@ -3,11 +3,18 @@
   python -m lavis_ademvl.predict --cfg-path projects/ademvl/demo/sqa_smollm2.yaml \
       --checkpoint output/.../checkpoint_0.pth --image x.png --question "What shape is it?" --choices circle square
 
+An instruction-tuned model (projects/ademvl/instruct.yaml, eval/mme.yaml, the authors' checkpoint_7B_instruction.pth)
+follows a free-form instruction about an image, or a text-only one without --image:
+
+  python -m lavis_ademvl.predict --cfg-path projects/ademvl/authors/mme_7b.yaml --image x.jpg \
+      --instruction "Describe this image."
+
 The config is the one the checkpoint was trained or evaluated with. Multiple-choice (`scienceqa_mc`) models need
 --choices (--image is optional: a question without image, as in ScienceQA) and print the chosen option; the sample is
 built and answered by the same code as the task's evaluation (prompt style, text and image processors, answer format,
-inference method). Other models answer the question with the config's VQA prompt, or caption the image when no
-question is given.
+inference method). An --instruction is asked as the MME task asks its questions ("Instruction: ...\nResponse:",
+greedy, run.max_len new tokens). Other models answer the question with the config's VQA prompt, or caption the image
+when no question is given.
 """
 from __future__ import annotations
 

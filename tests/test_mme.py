@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -10,7 +12,8 @@ from instruct_fixtures import MME_SEPARATE, MME_SIDE_BY_SIDE, make_mme
 from lavis.common.registry import registry
 
 from lavis_ademvl.common.config_files import load_experiment
-from lavis_ademvl.tasks.mme import mme_metrics, read_yes_no, write_result_files
+from lavis_ademvl.inference import Question, load_for_inference, question_batch
+from lavis_ademvl.tasks.mme import instruction_outputs, mme_metrics, read_yes_no, write_result_files
 
 PROJECTS = REPO / "projects" / "ademvl"
 MME_TINY = PROJECTS / "debug" / "mme_tiny.yaml"
@@ -142,3 +145,33 @@ def test_mme_evaluates_through_the_cli(tmp_path, instruct_checkpoint):
         ["0001.jpg", "Is the square red? Please answer yes or no.", "No"],
     ]
 
+
+def test_predict_follows_an_instruction_as_mme_answers_it(tmp_path, instruct_checkpoint):
+    """predict --instruction on an MME image and question prints what the MME evaluation answered; without --image it
+    answers a text-only instruction."""
+    root = make_mme(tmp_path / "data")
+    options = [f"datasets.ademvl_mme.build_info.data_root={root}", "datasets.ademvl_mme.build_info.subtasks=[existence]",
+               f"model.finetuned={instruct_checkpoint}", f"run.output_dir={tmp_path / 'out'}", "run.batch_size_eval=1"]
+    run_module("lavis_ademvl.evaluate", MME_TINY, options, tmp_path)
+    (job,) = job_dirs(tmp_path / "out")
+    with open(job / "result" / "mme" / "existence.txt", newline="") as handle:
+        rows = [line.split("\t") for line in handle.read().split("\n") if line]
+    for image, question, _, output in rows[:2]:
+        predicted = predict(tmp_path, instruct_checkpoint, "--image", str(root / "existence" / image), "--instruction", question)
+        assert predicted == output
+    text_only = predict(tmp_path, instruct_checkpoint, "--instruction", "Name a primary colour.")
+    model, processor, config = load_for_inference(MME_TINY, str(instruct_checkpoint), device="cpu")
+    batch = question_batch(config, processor, Question(None, instruction="Name a primary colour."))
+    encoded = model.encode_batch(batch, with_answer=False)
+    assert not encoded.slot_mask.any()
+    assert model.tokenizer.decode(encoded.input_ids[0]) == "<s>Image: N/AInstruction: Name a primary colour.\nResponse:"
+    assert text_only == instruction_outputs(model, batch, config.run.max_len)[0]
+
+
+def predict(cwd, checkpoint, *arguments):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "lavis_ademvl.predict", "--cfg-path", str(MME_TINY), "--checkpoint", str(checkpoint),
+               "--device", "cpu", *arguments]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout[: -len("\n")]
