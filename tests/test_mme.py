@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -11,6 +9,7 @@ from cli import REPO, job_dirs, read_jsonl, run_module
 from instruct_fixtures import MME_SEPARATE, MME_SIDE_BY_SIDE, make_mme
 from lavis.common.registry import registry
 
+from lavis_ademvl import evaluate, predict
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.inference import Question, load_for_inference, question_batch
 from lavis_ademvl.tasks.mme import instruction_outputs, mme_metrics, read_yes_no, write_result_files
@@ -146,32 +145,31 @@ def test_mme_evaluates_through_the_cli(tmp_path, instruct_checkpoint):
     ]
 
 
-def test_predict_follows_an_instruction_as_mme_answers_it(tmp_path, instruct_checkpoint):
+def test_predict_follows_an_instruction_as_mme_answers_it(tmp_path, instruct_checkpoint, capsys):
     """predict --instruction on an MME image and question prints what the MME evaluation answered; without --image it
-    answers a text-only instruction."""
+    answers a text-only instruction, behind the "no image" prefix."""
     root = make_mme(tmp_path / "data")
     options = [f"datasets.ademvl_mme.build_info.data_root={root}", "datasets.ademvl_mme.build_info.subtasks=[existence]",
                f"model.finetuned={instruct_checkpoint}", f"run.output_dir={tmp_path / 'out'}", "run.batch_size_eval=1"]
-    run_module("lavis_ademvl.evaluate", MME_TINY, options, tmp_path)
+    assert evaluate.main(["--cfg-path", str(MME_TINY), "--options", *options]) == 0
     (job,) = job_dirs(tmp_path / "out")
     with open(job / "result" / "mme" / "existence.txt", newline="") as handle:
         rows = [line.split("\t") for line in handle.read().split("\n") if line]
+    capsys.readouterr()
     for image, question, _, output in rows[:2]:
-        predicted = predict(tmp_path, instruct_checkpoint, "--image", str(root / "existence" / image), "--instruction", question)
-        assert predicted == output
-    text_only = predict(tmp_path, instruct_checkpoint, "--instruction", "Name a primary colour.")
+        assert predict_main(instruct_checkpoint, "--image", str(root / "existence" / image), "--instruction", question) == 0
+        assert capsys.readouterr().out == output + "\n"
+    assert predict_main(instruct_checkpoint, "--instruction", "Name a primary colour.") == 0
+    text_only = capsys.readouterr().out
     model, processor, config = load_for_inference(MME_TINY, str(instruct_checkpoint), device="cpu")
     batch = question_batch(config, processor, Question(None, instruction="Name a primary colour."))
     encoded = model.encode_batch(batch, with_answer=False)
     assert not encoded.slot_mask.any()
     assert model.tokenizer.decode(encoded.input_ids[0]) == "<s>Image: N/AInstruction: Name a primary colour.\nResponse:"
-    assert text_only == instruction_outputs(model, batch, config.run.max_len)[0]
+    assert text_only == instruction_outputs(model, batch, config.run.max_len)[0] + "\n"
+    assert predict_main(instruct_checkpoint, "--instruction", "x", "--question", "y") == 2
+    assert "--instruction is asked alone" in capsys.readouterr().err
 
 
-def predict(cwd, checkpoint, *arguments):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "lavis_ademvl.predict", "--cfg-path", str(MME_TINY), "--checkpoint", str(checkpoint),
-               "--device", "cpu", *arguments]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout[: -len("\n")]
+def predict_main(checkpoint, *arguments) -> int:
+    return predict.main(["--cfg-path", str(MME_TINY), "--checkpoint", str(checkpoint), "--device", "cpu", *arguments])
