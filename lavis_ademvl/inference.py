@@ -24,7 +24,7 @@ from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.common.seeding import seed_everything
-from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import check_problem, collate
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
 from lavis_ademvl.tasks.scienceqa import answer_questions
@@ -131,6 +131,7 @@ def multiple_choice_batch(config: DictConfig, processor: Any, question: Question
         raise ValueError("--caption: this config evaluates without captions (datasets.scienceqa_mc.build_info.use_caption)")
     builder.build_processors()
     problem = {"question": question.text, "choices": list(question.choices), "hint": question.context}
+    check_problem(problem, "(--question, --choices)", "the command line", labelled=False)
     return collate([builder.sample_maker(training=False)(problem, question.image, question.caption)])
 
 

@@ -75,6 +75,8 @@ class PromptEncoder:
     def encode(self, samples: dict, with_answer: bool, prompt: str | None = None, reserve: int = 0) -> EncodedBatch:
         """The batch on the CPU; `reserve`: the number of tokens generation will add."""
         prompts, cues, answers = self.texts(samples, with_answer, prompt)
+        if not prompts:
+            raise ValueError("the batch holds no samples (text_input and image are empty)")
         has_image = image_flags(samples, len(prompts))
         encoded = [
             self.encode_sample(p, c, a, bool(h), reserve) for p, c, a, h in zip(prompts, cues, answers, has_image.tolist())
