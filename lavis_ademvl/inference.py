@@ -23,6 +23,7 @@ from lavis_ademvl.common.cli import add_device_argument, tool_parser
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
+from lavis_ademvl.common.launch import warn_if_other_task
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import check_problem, collate
 from lavis_ademvl.models.ademvl import AdemVL
@@ -88,6 +89,7 @@ def load_for_inference(
         config.model.load_finetuned, config.model.finetuned = True, checkpoint
     seed_everything(int(config.run.get("seed", 42)))
     model = AdemVL.from_config(config.model)
+    warn_if_other_task(getattr(model, "checkpoint_task", None), config.run.get("task"), config.model.get("finetuned"))
     model = model.to(torch.device(resolve_device(device))).eval()
     return model, eval_image_processor(config), config
 

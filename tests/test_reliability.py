@@ -488,3 +488,14 @@ def test_configs_with_includes_leave_no_file_behind(tmp_path, monkeypatch):
     config = load_experiment(DEBUG / "vqav2_tiny.yaml").config
     assert config.model.model_type == "tiny" and "coco_vqa" in config.datasets
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_trained_for_another_task_is_flagged(tmp_path, caplog):
+    from lavis_ademvl.inference import load_for_inference
+
+    saved = {"model": tiny_config(), "run": {"task": "ademvl_captioning"}}
+    torch.save({"model": tiny_model().trainable_state_dict(), "config": saved}, tmp_path / "caption.pth")
+    with caplog.at_level("WARNING"):
+        model, _, _ = load_for_inference(TINY_SQA, str(tmp_path / "caption.pth"), device="cpu")
+    assert model.checkpoint_task == "ademvl_captioning"
+    assert "was trained for task 'ademvl_captioning', and this run's task is 'scienceqa_mc'" in caplog.text

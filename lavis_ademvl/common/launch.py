@@ -76,7 +76,15 @@ def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = (), ev
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(unreadable_annotation(cfg.datasets_cfg) or f"a dataset file is not UTF-8 JSON: {error}") from error
     model = task.build_model(cfg)
+    warn_if_other_task(getattr(model, "checkpoint_task", None), run_cfg.get("task"), cfg.model_cfg.get("finetuned"))
     return Experiment(cfg, task, datasets, model, job_id)
+
+
+def warn_if_other_task(checkpoint_task: str | None, task: str | None, checkpoint: str | None) -> None:
+    """A checkpoint trained for another task may be a deliberate start (fine-tuning on) or a mix-up: said loudly."""
+    if checkpoint_task is not None and checkpoint_task != task:
+        logging.warning("model.finetuned=%s was trained for task %r, and this run's task is %r",
+                        checkpoint, checkpoint_task, task)
 
 
 def finish() -> None:

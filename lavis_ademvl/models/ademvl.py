@@ -74,6 +74,7 @@ class AdemVL(BaseModel):
         if config.fusion != "none" and vision_tower is None:
             raise ValueError(f"fusion={config.fusion!r} needs a vision tower (vision_model or vision_config)")
         self.config = config
+        self.checkpoint_task: str | None = None  # set by load_checkpoint from what our runner recorded
         self.compute_dtype = compute_dtype
         self.tokenizer = tokenizer
         self.llm = freeze_llm(llm, config.llm_gradient_checkpointing)
@@ -207,9 +208,11 @@ class AdemVL(BaseModel):
         `checkpoint_keys`); any missing or unknown key is an error."""
         num_used_vision_layers = len(self.vision_adapters) if self.vision_tower is not None else 0
         checkpoint = load_checkpoint_file(url_or_filename)
-        saved_model = (checkpoint.get("config") or {}).get("model") if isinstance(checkpoint.get("config"), dict) else None
-        if saved_model:  # written by our runner: it records the options it was trained with
-            AdemVLConfig.check_compatible(saved_model, dataclasses.asdict(self.config), url_or_filename)
+        saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+        if saved.get("model"):  # written by our runner: it records the options it was trained with
+            AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), url_or_filename)
+        # The task it was trained for (None: not recorded), for the caller to compare with its own.
+        self.checkpoint_task = (saved.get("run") or {}).get("task")
         state = checkpoint_state(checkpoint, num_used_vision_layers, url_or_filename)
         self.load_trainable_state(state, source=url_or_filename)
         logging.info("loaded ADEM-VL checkpoint %s", url_or_filename)
