@@ -4,8 +4,9 @@
 
 A grid yaml has a `title` and `rows`, each a `name` and a row `config` (overrides of a base experiment, via
 `includes`). `--base` swaps the rows' own base for another experiment (e.g. the offline demo). Rows train and
-evaluate one after another; a row whose run already finished its test evaluation is not rerun, so an interrupted
-grid continues where it stopped. The table is rewritten after every row to OUTPUT/results.md.
+evaluate one after another; a row whose run already finished its test evaluation with the same config and options
+is not rerun, so an interrupted grid continues where it stopped (changed options train the row again). The table is
+rewritten after every row to OUTPUT/results.md.
 """
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "row"
 
 
+def row_folders(grid: Path, names: list[str]) -> dict[str, str]:
+    """Each row's run folder (the slug of its name); two rows that would share one are an error naming them."""
+    folders: dict[str, str] = {}
+    for name in names:
+        folder = slug(name)
+        clash = [other for other, taken in folders.items() if taken == folder]
+        if clash:
+            raise ValueError(f"{grid}: rows {clash[0]!r} and {name!r} would share the run folder {folder!r}; "
+                             f"give them names that differ in letters or digits")
+        folders[name] = folder
+    return folders
+
+
 def markdown(title: str, results: dict[str, dict]) -> str:
     if all(set(TABLE_COLUMNS) <= set(m) for m in results.values()):
         table = format_table(results)
@@ -63,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     title = grid.get("title", args.grid.stem)
     output_dir = args.output_dir or Path("output/ademvl/ablations") / args.grid.stem
     output_dir.mkdir(parents=True, exist_ok=True)
+    folders = row_folders(args.grid, [str(row.name) for row in rows])
     results: dict[str, dict] = {}
     for row in rows:
         config = row_config((args.grid.parent / row.config).resolve(), args.base)
-        results[row.name] = train_or_reuse(config, output_dir / slug(row.name), args.options, label=row.name)
+        results[row.name] = train_or_reuse(config, output_dir / folders[row.name], args.options, label=row.name)
         (output_dir / "results.md").write_text(markdown(title, results))
     print(markdown(title, results))
     return 0

@@ -3,7 +3,8 @@
   python -m lavis_ademvl.compare --cfg-path projects/ademvl/compare/sqa.yaml [--options k=v ...]
 
 The config is an experiment config (datasets, run) plus `compare.models`: a list of {name, model, checkpoint?},
-where `model` is a LAVIS model section (any registered arch: ademvl variants, blip2_opt, ...). Each entry is
+where `model` is a LAVIS model section (any registered arch: ademvl variants, blip2_opt, ...); an entry without
+`checkpoint` is evaluated as built (`run.allow_untrained`: pretrained LAVIS weights, or an untrained ADEM-VL). Each entry is
 evaluated in its own process, so its peak memory is its own; an entry whose weights cannot be loaded (e.g. offline)
 is reported as skipped with the reason. Columns: the task's metrics, trainable and total parameters, evaluation
 throughput (samples/s, model loading excluded) and peak memory (CUDA allocation, else the process's peak RSS).
@@ -48,6 +49,8 @@ def entry_config(cfg_path: Path, index: int, options: list[str]) -> tuple[str, D
     if entry.get("checkpoint"):
         merged.model.load_finetuned = True
         merged.model.finetuned = entry.checkpoint
+    else:  # evaluated as built: a LAVIS model with its own pretrained weights, or an untrained baseline
+        merged.run.allow_untrained = True
     del merged["compare"]
     return str(entry.name), merged
 

@@ -25,9 +25,10 @@ from lavis_ademvl.common.cli import add_device_argument, tool_parser
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
+from lavis_ademvl.common.launch import warn_if_other_task
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.datasets.datasets.instruct_datasets import instruction_prompt
-from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
+from lavis_ademvl.datasets.datasets.scienceqa_datasets import check_problem, collate
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
 from lavis_ademvl.tasks.mme import MAX_NEW_TOKENS, instruction_outputs
@@ -96,6 +97,7 @@ def load_for_inference(
         config.model.load_finetuned, config.model.finetuned = True, checkpoint
     seed_everything(int(config.run.get("seed", 42)))
     model = AdemVL.from_config(config.model)
+    warn_if_other_task(getattr(model, "checkpoint_task", None), config.run.get("task"), config.model.get("finetuned"))
     model = model.to(torch.device(resolve_device(device))).eval()
     return model, eval_image_processor(config), config
 
@@ -141,6 +143,7 @@ def multiple_choice_batch(config: DictConfig, processor: Any, question: Question
         raise ValueError("--caption: this config evaluates without captions (datasets.scienceqa_mc.build_info.use_caption)")
     builder.build_processors()
     problem = {"question": question.text, "choices": list(question.choices), "hint": question.context}
+    check_problem(problem, "(--question, --choices)", "the command line", labelled=False)
     return collate([builder.sample_maker(training=False)(problem, question.image, question.caption)])
 
 

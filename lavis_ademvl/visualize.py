@@ -30,7 +30,7 @@ from lavis_ademvl.models.fusion import activate, kept_mask
 
 PARSER = question_parser("lavis_ademvl.visualize", __doc__)
 PARSER.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
-PARSER.add_argument("--out", required=True, help="PNG file to write")
+PARSER.add_argument("--out", required=True, help="PNG file to write (.png is added when missing)")
 
 
 @torch.no_grad()
@@ -81,11 +81,20 @@ def draw(image, masks: torch.Tensor, scales: list[int], layer: str, out: Path) -
     plt.close(figure)
 
 
+def png_path(out: str) -> Path:
+    """The file --out names; a folder is an error (the map needs a file name), a name without .png gets it."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")):
+        raise ValueError(f"--out {out} is a folder; give the PNG file to write, e.g. {path / 'drop_map.png'}")
+    return path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = PARSER.parse_args(argv)
     if not args.image:
         raise ValueError("give --image: drop maps are drawn over an image")
+    out = png_path(args.out)
     question = read_question(args)
     model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
     num_layers = len(model.decoder_layers())
@@ -94,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     samples = question_batch(config, processor, question)
     samples["image"] = samples["image"].to(model.device)
     masks = kept_masks(model, samples)
-    draw(question.image, masks, model.config.down_sample_num, args.layer, Path(args.out))
+    draw(question.image, masks, model.config.down_sample_num, args.layer, out)
     if config.run.get("task", "") == MULTIPLE_CHOICE_TASK:
         chosen = answer(model, samples, config, question)
         print(f"answer: {chosen.choice or 'none'} ({chosen.output!r})")
-    print(args.out)
+    print(out)
     return 0
 
 

@@ -28,5 +28,5 @@ def test_two_variants_and_a_skipped_model(sqa_root, tmp_path, monkeypatch, capsy
     adem, text_only, missing = table[2:5]
     assert adem.startswith("| ADEM-VL tiny |") and "6,304" in adem  # the tiny model's trainable count
     assert text_only.startswith("| text only tiny |") and "2,560" in text_only  # E1 + E2 only: 2 x 20 x 64
-    assert missing.startswith("| not registered | skipped: AssertionError") and "no_such_model" in missing
+    assert missing.startswith("| not registered | skipped: KeyError") and "no_such_model" in missing
     assert os.path.isdir(tmp_path / "out")

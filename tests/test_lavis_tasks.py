@@ -73,7 +73,8 @@ def test_train_two_iterations_and_evaluate(case, tmp_path):
         assert len(captions) == 4 and all(isinstance(c["caption"], str) for c in captions)
     elif case.startswith("vqa"):
         (evaluation,) = evaluations  # the test split has no public answers: predictions only
-        assert set(evaluation["val"]) == {"agg_metrics", "other"}
+        assert set(evaluation["val"]) == {"agg_metrics", "other", "checkpoint"}
+        assert evaluation["val"]["checkpoint"] == str(job / "checkpoint_latest.pth")  # the epoch just trained
         predictions = json.loads((job / "result" / "test_vqa_result.json").read_text())
         assert len(predictions) == 6
         if case == "vqa_rank":

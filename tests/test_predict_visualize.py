@@ -69,9 +69,9 @@ def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
     root = make_coco_caption(tmp_path / "coco", num_train=4, num_eval=2)
     options = [f"datasets.coco_caption.build_info.data_root={root}"]
     assert evaluate.main(["--cfg-path", str(DEBUG_CAPTION), "--options", *options, f"run.output_dir={tmp_path / 'out'}",
-                          "run.evaluate=true", "run.caption_metrics=[bleu]"]) == 0
+                          "run.evaluate=true", "run.allow_untrained=true", "run.caption_metrics=[bleu]"]) == 0
     (job,) = job_dirs(tmp_path / "out")
-    captions = {r["image_id"]: r["caption"] for r in json.loads((job / "result" / "test_epochbest.json").read_text())}
+    captions = {r["image_id"]: r["caption"] for r in json.loads((job / "result" / "test_epochuntrained.json").read_text())}
     images = json.loads((root / "annotations" / "coco_karpathy_test.json").read_text())
     assert len(captions) == len(images) == 2
     capsys.readouterr()
@@ -170,7 +170,7 @@ def test_predict_equals_the_evaluation_of_every_question(evaluated_data, tmp_pat
     evaluate.main(["--cfg-path", str(cfg), "--options", *options, f"run.output_dir={tmp_path}", "run.evaluate=true",
                    "model.load_finetuned=true", f"model.finetuned={checkpoint}"])
     (job,) = job_dirs(tmp_path)
-    records = {r["question_id"]: r for r in json.loads((job / "result" / "test_epochbest.json").read_text())}
+    records = {r["question_id"]: r for r in json.loads((job / "result" / "test_epochfinetuned.json").read_text())}
     problems = json.loads((root / "problems.json").read_text())
     captions = json.loads((root / "captions.json").read_text())["captions"]
     assert len(records) == 4  # with image, with hint, with both, with neither

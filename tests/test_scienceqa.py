@@ -187,7 +187,8 @@ def test_bad_config_path_and_option_end_with_an_error_line(tool, sqa_root, tmp_p
     missing = tmp_path / "missing.yaml"
     assert tool.main(["--cfg-path", str(missing)]) == 2
     assert capsys.readouterr().err == f"error: config file not found: {missing}\n"
-    options = [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", f"run.output_dir={tmp_path}"]
+    options = [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", f"run.output_dir={tmp_path}",
+               "run.allow_untrained=true"]  # evaluate: past its check for a checkpoint, to the model's
     assert tool.main(["--cfg-path", str(TINY_SQA), "--options", *options, "model.fusion=late"]) == 2
     assert capsys.readouterr().err.endswith("error: fusion='late' is not supported; choose one of ['adem', 'prefix', 'none']\n")
     assert tool.main(["--cfg-path", str(TINY_SQA), "--options", *options, "run.max_epoch"]) == 2

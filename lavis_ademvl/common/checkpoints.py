@@ -29,7 +29,7 @@ def _refused_globals(path: str) -> list[str]:
     allowed = {_qualified_name(cls) for cls in ALLOWED_GLOBALS}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile):
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
         return []
     return [name for name in found if name not in allowed]
 
@@ -43,7 +43,7 @@ def load_checkpoint_file(path: str | Path, what: str = "checkpoint") -> dict[str
     try:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
         refused = _refused_globals(path)
         if refused:
             raise ValueError(
@@ -51,7 +51,15 @@ def load_checkpoint_file(path: str | Path, what: str = "checkpoint") -> dict[str
                 f"values and argparse.Namespace (torch.load with weights_only=True). Load it only if you trust its "
                 f"source, and save its tensors without those objects."
             ) from error
-        raise ValueError(f"{what} {path} is not a readable torch checkpoint: {str(error).splitlines()[0]}") from error
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{what} {path} is not a readable torch checkpoint (empty, cut short, or another format): "
+                         f"{reason}") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{what} {path} holds a {type(checkpoint).__name__}, not a dict of weights")
     return checkpoint
+
+
+def non_finite_keys(state: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of `state` that hold a NaN or inf."""
+    return [name for name, value in state.items()
+            if isinstance(value, torch.Tensor) and torch.is_floating_point(value) and not torch.isfinite(value).all()]

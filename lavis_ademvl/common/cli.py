@@ -25,10 +25,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lavis_ademvl.common.config_files import written_config
-from lavis_ademvl.common.results import finished_test_metrics
+from lavis_ademvl.common.config_files import load_with_includes, written_config
+from lavis_ademvl.common.results import finished_job, finished_test_metrics, record_request
 
 # The exceptions that mean "the input is wrong" (their messages name the file, key or value at fault).
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, KeyError, ValueError)
@@ -36,7 +36,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 class RunFailed(RuntimeError):
-    """A run that a tool started in another process did not finish."""
+    """A run that did not finish (a NaN loss, a checkpoint that could not be written, a run started in another
+    process that failed): `error: <message>` and exit status 1."""
 
 
 def tool_parser(module: str, doc: str | None, *, experiment: bool = True) -> argparse.ArgumentParser:
@@ -91,22 +92,32 @@ def train_or_reuse(
 ) -> dict:
     """The test metrics of the experiment's training run in `run_dir` (its `run.output_dir`).
 
-    A run there that finished its test evaluation is reused (unless `force`); otherwise `python -m lavis_ademvl.train`
+    A run there that finished its test evaluation for the same config and options is reused (unless `force`); a
+    changed request trains anew, in a new job folder; otherwise `python -m lavis_ademvl.train`
     trains and evaluates it in a subprocess, its output shown. `experiment` is a config file or an in-memory config
     (written to a temporary file for the subprocess); `options` are key=value overrides. RunFailed if it fails.
     """
     label = label or Path(run_dir).name
-    if not force and (metrics := finished_test_metrics(run_dir)) is not None:
+    request = run_request(experiment, options)
+    if not force and (metrics := finished_test_metrics(run_dir, request)) is not None:
         print(f"=== {label}: finished earlier, reused ({run_dir}) ===", flush=True)
         return metrics
     print(f"=== {label}: training and evaluating ({run_dir}) ===", flush=True)
+    earlier_jobs = set(Path(run_dir).glob("*"))
     as_file = written_config(experiment) if isinstance(experiment, DictConfig) else contextlib.nullcontext(experiment)
     with as_file as cfg_path:
         command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(cfg_path),
                    "--options", f"run.output_dir={run_dir}", *options]
         returncode = subprocess.run(command).returncode
-    metrics = finished_test_metrics(run_dir)
-    if returncode != 0 or metrics is None:
+    finished = finished_job(run_dir, ignore=earlier_jobs)  # this run's job, never an earlier one
+    if returncode != 0 or finished is None:
         raise RunFailed(f"{label}: the run did not finish (status {returncode}): {' '.join(command)}")
+    job, metrics = finished
+    record_request(job, request)
     return metrics
 
+
+def run_request(experiment: str | Path | DictConfig, options: Sequence[str]) -> str:
+    """What a run is asked to do, as text: the experiment config (its includes merged) and the options."""
+    config = experiment if isinstance(experiment, DictConfig) else load_with_includes(experiment)
+    return OmegaConf.to_yaml(OmegaConf.create({"experiment": config, "options": list(options)}))

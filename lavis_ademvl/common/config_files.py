@@ -19,9 +19,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import yaml
 from lavis.common.config import Config
 from lavis.common.registry import registry
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -31,8 +32,15 @@ def load_with_includes(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictCo
         raise FileNotFoundError(f"config file not found: {path}")
     if path in _seen:
         raise ValueError(f"config includes form a cycle: {' -> '.join(map(str, _seen + (path,)))}")
-    config = OmegaConf.load(path)
+    try:
+        config = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path} is not readable YAML: {error}") from error
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"config file {path} holds a {type(config).__name__}, not a mapping of sections")
     includes = config.pop("includes", None) or []
+    if not isinstance(includes, (list, ListConfig)) or not all(isinstance(include, str) for include in includes):
+        raise ValueError(f"{path}: `includes:` must be a list of yaml paths, e.g. [../sqa.yaml], got {includes!r}")
     merged = OmegaConf.create()
     for include in includes:
         merged = OmegaConf.merge(merged, load_with_includes(path.parent / include, _seen + (path,)))
@@ -53,10 +61,13 @@ def parse_options(options: Sequence[str]) -> DictConfig:
     named."""
     options = list(options)
     if options and "=" not in options[0]:
+        if len(options) % 2:
+            raise ValueError(f"--options {' '.join(options)}: key value pairs, but {options[-1]!r} has no value; "
+                             f"give key=value pairs, e.g. run.max_epoch=5")
         options = [f"{key}={value}" for key, value in zip(options[0::2], options[1::2])]
     dotlist = options
     for option in dotlist:
-        if "=" not in option:
+        if "=" not in option or not option.split("=", 1)[0].strip():
             raise ValueError(f"--options {option!r}: give key=value pairs, e.g. run.max_epoch=5")
     try:
         return OmegaConf.from_dotlist(dotlist)
@@ -75,12 +86,24 @@ class ExperimentConfig(Config):
         experiment = OmegaConf.merge(experiment, user)
         if experiment.get("model") is None:
             raise KeyError(f"{source}: the config has no `model` section")
+        check_registered(experiment, source)
         parts = [{"run": experiment.get("run") or {}}, self.build_model_config(experiment)]
         if experiment.get("datasets"):
             parts.append(self.build_dataset_config(experiment))
         self.config = OmegaConf.merge(*parts, user)
         if self.config.get("datasets"):
             drop_null_splits(self.config.datasets)
+
+
+def check_registered(experiment: DictConfig, source: str) -> None:
+    """The model arch, task and datasets an experiment names are registered (else LAVIS fails with an assertion)."""
+    names = [("model.arch", "model", experiment.model.get("arch"), "model_name_mapping")]
+    if (experiment.get("run") or {}).get("task") is not None:
+        names.append(("run.task", "task", experiment.run.task, "task_name_mapping"))
+    names += [(f"datasets.{name}", "dataset", name, "builder_name_mapping") for name in experiment.get("datasets") or {}]
+    for key, kind, name, mapping in names:
+        if name not in registry.mapping[mapping]:
+            raise KeyError(f"{source}: {key}: unknown {kind} {name!r}; registered: {sorted(registry.mapping[mapping])}")
 
 
 def load_experiment(experiment: str | Path | DictConfig, options: Sequence[str] = ()) -> ExperimentConfig:

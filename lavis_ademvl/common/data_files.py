@@ -5,6 +5,7 @@ error) and only warn about a missing image folder; this check runs before any da
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -19,6 +20,30 @@ def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
     return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def local_annotation_files(datasets_cfg: Any) -> list[tuple[str, str]]:
+    """(config key, path) of every local annotation file of the datasets' configs."""
+    files = []
+    for name, dataset_cfg in datasets_cfg.items():
+        for split, info in ((dataset_cfg.get("build_info") or {}).get("annotations") or {}).items():
+            for storage in _as_list(info.get("storage")):
+                path = storage if os.path.isabs(storage) else get_cache_path(storage)
+                if os.path.isfile(path):
+                    files.append((f"datasets.{name}.build_info.annotations.{split}", path))
+    return files
+
+
+def unreadable_annotation(datasets_cfg: Any) -> str | None:
+    """'<config key>: <file>: <error>' of the first local annotation file that is not UTF-8 JSON, else None (run
+    when building failed on JSON: LAVIS's datasets read their files without saying which one failed)."""
+    for key, path in local_annotation_files(datasets_cfg):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            return f"{key}: annotation file {path} is not UTF-8 JSON: {error}"
+    return None
 
 
 def check_dataset_files(datasets_cfg: Any) -> None:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import setup_for_distributed
 
+from lavis_ademvl.common.run_config import dist_timeout_minutes
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -40,7 +42,7 @@ def init_distributed(run_cfg: Any) -> None:
         init_method=run_cfg.get("dist_url", "env://"),
         world_size=world_size,
         rank=rank,
-        timeout=datetime.timedelta(minutes=60),
+        timeout=datetime.timedelta(minutes=dist_timeout_minutes(run_cfg, backend)),
     )
     run_cfg.distributed = True
     run_cfg.gpu = local_rank

@@ -5,6 +5,7 @@ what LAVIS's train.py does before running: config, process group, seeds, logger,
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from omegaconf import DictConfig
 
 from lavis_ademvl.common.cli import entry_point, tool_parser
 from lavis_ademvl.common.config_files import load_experiment
-from lavis_ademvl.common.data_files import check_dataset_files
+from lavis_ademvl.common.data_files import check_dataset_files, unreadable_annotation
 from lavis_ademvl.common.dist import broadcast_from_main, init_distributed
+from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
 from lavis_ademvl.common.seeding import seed_everything
 
 
@@ -46,13 +48,17 @@ class Experiment:
         return runner_cls(cfg=self.cfg, job_id=self.job_id, task=self.task, model=self.model, datasets=self.datasets)
 
 
-def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = ()) -> Experiment:
-    """Config, process group, seeds, logger, task, datasets and model, as LAVIS's train.py does."""
+def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = (), evaluating: bool = False) -> Experiment:
+    """Config, process group, seeds, logger, task, datasets and model, as LAVIS's train.py does. `evaluating` (or
+    `run.evaluate`): the model is evaluated as built, so it must load a checkpoint (`run_config.built_checkpoint`)."""
     cfg = load_experiment(experiment, options)
     if not cfg.config.get("datasets"):
         raise KeyError(f"{cfg.args.cfg_path}: the config has no `datasets` section")
     run_cfg = cfg.run_cfg
+    check_run_config(run_cfg)
     run_cfg.evaluate = bool(run_cfg.get("evaluate", False))
+    if evaluating or run_cfg.evaluate:
+        built_checkpoint(cfg)
     init_distributed(run_cfg)
     seed_everything(int(run_cfg.get("seed", 42)) + get_rank())
     cudnn.benchmark = False
@@ -65,9 +71,20 @@ def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = ()) ->
 
     task = tasks.setup_task(cfg)
     check_dataset_files(cfg.datasets_cfg)
-    datasets = task.build_datasets(cfg)
+    try:
+        datasets = task.build_datasets(cfg)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(unreadable_annotation(cfg.datasets_cfg) or f"a dataset file is not UTF-8 JSON: {error}") from error
     model = task.build_model(cfg)
+    warn_if_other_task(getattr(model, "checkpoint_task", None), run_cfg.get("task"), cfg.model_cfg.get("finetuned"))
     return Experiment(cfg, task, datasets, model, job_id)
+
+
+def warn_if_other_task(checkpoint_task: str | None, task: str | None, checkpoint: str | None) -> None:
+    """A checkpoint trained for another task may be a deliberate start (fine-tuning on) or a mix-up: said loudly."""
+    if checkpoint_task is not None and checkpoint_task != task:
+        logging.warning("model.finetuned=%s was trained for task %r, and this run's task is %r",
+                        checkpoint, checkpoint_task, task)
 
 
 def finish() -> None:
@@ -77,14 +94,16 @@ def finish() -> None:
     logging.shutdown()
 
 
-def lavis_script(module: str, doc: str | None, action: Callable[[Any], Any]) -> Callable[[list[str] | None], int]:
+def lavis_script(
+    module: str, doc: str | None, action: Callable[[Any], Any], evaluating: bool = False
+) -> Callable[[list[str] | None], int]:
     """The `main` of a LAVIS root script: --cfg-path and --options, `prepare`, then `action(runner)`."""
     parser = tool_parser(module, doc)
 
     @entry_point
     def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
-        action(prepare(args.cfg_path, args.options).build_runner())
+        action(prepare(args.cfg_path, args.options, evaluating).build_runner())
         finish()
 
     return main

@@ -7,28 +7,44 @@ records of runs from before this shape, {"split": split, metric: value}, so that
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from lavis.common.registry import registry
 
 EVALUATION_FILE = "evaluate.txt"
+# What a finished job was asked to run (written by `train_or_reuse`), so that a changed request is not reused.
+REQUEST_FILE = "request.yaml"
+# The registry key under which the runner names the checkpoint an evaluation scores (see `write_evaluation`).
+EVALUATED_CHECKPOINT = "evaluated_checkpoint"
 
 
 def write_evaluation(split: str, metrics: dict[str, Any], output_dir: str | Path | None = None) -> None:
-    """Append {split: metrics} to the run's evaluate.txt (default folder: the runner's output_dir)."""
+    """Append {split: metrics} to the run's evaluate.txt (default folder: the runner's output_dir), with the
+    checkpoint the scores came from (metrics["checkpoint"]: a path or "untrained") when the runner named it."""
     folder = Path(output_dir if output_dir is not None else registry.get_path("output_dir"))
+    checkpoint = registry.get(EVALUATED_CHECKPOINT, no_warning=True)
+    if checkpoint is not None:
+        metrics = {**metrics, "checkpoint": checkpoint}
     with open(folder / EVALUATION_FILE, "a") as handle:
         handle.write(json.dumps({split: metrics}) + "\n")
 
 
 def read_evaluations(path: str | Path) -> list[tuple[str | None, dict[str, Any]]]:
-    """(split, metrics) of each record of an evaluate.txt, in order; split None for a flat record."""
+    """(split, metrics) of each record of an evaluate.txt, in order; split None for a flat record. A line that is
+    not a JSON object (e.g. cut short by a crash) is a ValueError naming the file and line."""
     evaluations = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number} is not a JSON record ({error}): {line[:80]!r}") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number} is not a JSON object: {line[:80]!r}")
         if len(record) == 1 and isinstance(next(iter(record.values())), dict):
             ((split, metrics),) = record.items()
             evaluations.append((split, metrics))
@@ -39,10 +55,43 @@ def read_evaluations(path: str | Path) -> list[tuple[str | None, dict[str, Any]]
     return evaluations
 
 
-def finished_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
-    """The test-split metrics of the newest job under run_dir that finished its test evaluation, else None."""
-    for evaluate_file in sorted(Path(run_dir).glob(f"*/{EVALUATION_FILE}"), reverse=True):
-        tests = [metrics for split, metrics in read_evaluations(evaluate_file) if split == "test"]
+def _job_order(job_dir: Path) -> tuple[str, int]:
+    """Jobs by start: <time> then its same-second siblings <time>_1, <time>_2, ..."""
+    stamp, _, attempt = job_dir.name.partition("_")
+    return stamp, int(attempt) if attempt.isdigit() else 0
+
+
+def finished_job(
+    run_dir: str | Path, request: str | None = None, ignore: Collection[Path] = ()
+) -> tuple[Path, dict[str, Any]] | None:
+    """(job folder, test-split metrics) of the newest job under run_dir that finished its test evaluation, else
+    None. With `request`, only a job recorded with that request (`record_request`) counts; jobs in `ignore` do not.
+    A job whose evaluate.txt cannot be read (a crash cut a line short) did not finish."""
+    jobs = sorted((path.parent for path in Path(run_dir).glob(f"*/{EVALUATION_FILE}")), key=_job_order, reverse=True)
+    for job in (job for job in jobs if job not in ignore):
+        if request is not None and recorded_request(job) != request:
+            continue
+        try:
+            tests = [metrics for split, metrics in read_evaluations(job / EVALUATION_FILE) if split == "test"]
+        except ValueError as error:
+            logging.warning("not counted as finished: %s", error)
+            continue
         if tests:
-            return tests[-1]
+            return job, tests[-1]
     return None
+
+
+def finished_test_metrics(run_dir: str | Path, request: str | None = None) -> dict[str, Any] | None:
+    """The test-split metrics of `finished_job`, else None."""
+    finished = finished_job(run_dir, request)
+    return finished[1] if finished else None
+
+
+def record_request(job_dir: str | Path, request: str) -> None:
+    """Note in a finished job what it was asked to run (its config and options), so it is reused only for that."""
+    (Path(job_dir) / REQUEST_FILE).write_text(request)
+
+
+def recorded_request(job_dir: str | Path) -> str | None:
+    path = Path(job_dir) / REQUEST_FILE
+    return path.read_text() if path.is_file() else None

@@ -13,6 +13,7 @@ The model composes its parts, each in its own module:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from lavis.models.base_model import BaseModel
 from omegaconf import DictConfig
 from transformers import CLIPVisionModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from lavis_ademvl.common.checkpoints import load_checkpoint_file
+from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.validation import check_choice
 from lavis_ademvl.models import scoring
@@ -73,6 +74,7 @@ class AdemVL(BaseModel):
         if config.fusion != "none" and vision_tower is None:
             raise ValueError(f"fusion={config.fusion!r} needs a vision tower (vision_model or vision_config)")
         self.config = config
+        self.checkpoint_task: str | None = None  # set by load_checkpoint from what our runner recorded
         self.compute_dtype = compute_dtype
         self.tokenizer = tokenizer
         self.llm = freeze_llm(llm, config.llm_gradient_checkpointing)
@@ -205,12 +207,23 @@ class AdemVL(BaseModel):
         """Load trainable weights written by this project or released by the authors (mapped, see
         `checkpoint_keys`); any missing or unknown key is an error."""
         num_used_vision_layers = len(self.vision_adapters) if self.vision_tower is not None else 0
-        state = checkpoint_state(load_checkpoint_file(url_or_filename), num_used_vision_layers, url_or_filename)
+        checkpoint = load_checkpoint_file(url_or_filename)
+        saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+        if saved.get("model"):  # written by our runner: it records the options it was trained with
+            AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), url_or_filename)
+        # The task it was trained for (None: not recorded), for the caller to compare with its own.
+        self.checkpoint_task = (saved.get("run") or {}).get("task")
+        state = checkpoint_state(checkpoint, num_used_vision_layers, url_or_filename)
         self.load_trainable_state(state, source=url_or_filename)
         logging.info("loaded ADEM-VL checkpoint %s", url_or_filename)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Trainable weights by name (those of earlier key layouts too, `checkpoint_keys.rename_legacy_keys`)."""
+        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise ValueError(f"checkpoint {source} holds no weights (a dict of tensors, under 'model')")
+        non_finite = non_finite_keys(state)
+        if non_finite:
+            raise ValueError(f"checkpoint {source}: the weights {non_finite[:8]} hold NaN or inf")
         state = rename_legacy_keys(state)
         expected = set(self.trainable_state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

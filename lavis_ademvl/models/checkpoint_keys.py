@@ -39,6 +39,8 @@ def checkpoint_state(checkpoint: dict[str, Any], num_used_vision_layers: int, so
     """The trainable weights of a loaded checkpoint file (an authors' one mapped to our names); `rename_legacy_keys`
     is applied on loading (`AdemVL.load_trainable_state`, which a resumed run calls too)."""
     state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {source} holds no weights (a dict of tensors, under 'model')")
     if is_authors_checkpoint(state):
         state = convert_authors_state_dict(state, num_used_vision_layers)
         describe_authors_run(checkpoint, source)

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lavis_ademvl.common.validation import check_choice, check_fraction, check_known_keys
+from lavis_ademvl.common.validation import check_choice, check_fraction, check_known_keys, checked_number
 from lavis_ademvl.models.fusion import ACTIVATIONS, POOLINGS
 
 FUSIONS = ("adem", "prefix", "none")
@@ -31,9 +31,10 @@ QUANTIZATIONS = (None, "8bit", "4bit")
 TRUNCATIONS = ("middle", "end")
 
 
-def option(default: Any, meaning: str, choices: Sequence[Any] | None = None) -> Any:
-    """A config field: its default, the values it accepts (None: any of its type) and what it means."""
-    metadata = {"meaning": meaning, "choices": tuple(choices) if choices is not None else None}
+def option(default: Any, meaning: str, choices: Sequence[Any] | None = None, minimum: float | None = None) -> Any:
+    """A config field: its default, the values it accepts (None: any of its type, at least `minimum` if given) and
+    what it means."""
+    metadata = {"meaning": meaning, "choices": tuple(choices) if choices is not None else None, "minimum": minimum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -84,16 +85,18 @@ class AdemVLConfig:
     )
     pooling: str = option("avg", "pooling of the multiscale features (Table IX)", POOLINGS)
     with_cls: bool = option(True, "the [cls] token in the LLM input (Table X)")
-    num_visual_input_tokens: int = option(0, "extra pooled visual tokens in the LLM input, a square (Table X)")
+    num_visual_input_tokens: int = option(0, "extra pooled visual tokens in the LLM input, a square (Table X)", minimum=0)
     alpha: float = option(0.1, "scale of the fused feature added in each decoder layer")
     beta: float = option(0.01, "scale of the projected visual features X_v")
     drop_ratio: float = option(0.1, "dropped fraction gamma of each text token's visual features, in [0, 1)")
-    hidden_proj: int = option(128, "hidden width of the low-rank projections W' and [cls]")
-    adapter_dim: int = option(12, "rank of the vision adapters")
+    hidden_proj: int = option(128, "hidden width of the low-rank projections W' and [cls]", minimum=1)
+    adapter_dim: int = option(12, "rank of the vision adapters", minimum=1)
     adapter_scale: float = option(0.1, "scale of the vision adapters")
-    adapter_dropout: float = option(0.1, "dropout inside the vision adapters")
+    adapter_dropout: float = option(0.1, "dropout inside the vision adapters, in [0, 1)")
     # The text (models/processing.py).
-    max_len: int = option(512, "sequence limit; with generation: of the prompt (`middle`), or of prompt and new tokens (`end`)")
+    max_len: int = option(
+        512, "sequence limit; with generation: of the prompt (`middle`), or of prompt and new tokens (`end`)", minimum=1
+    )
     truncation: str = option(
         "middle",
         "`middle` (ours): only the prompt is cut, in its middle, never the [cls] slot, answer cue or answer; `end` (the "
@@ -124,26 +127,41 @@ class AdemVLConfig:
             choices = config_field.metadata["choices"]
             if choices is not None:
                 check_choice(config_field.name, value, choices)
-            elif config_field.type in _NUMBERS and value is not None:
-                setattr(self, config_field.name, _number(config_field.name, value, _NUMBERS[config_field.type]))
+            elif config_field.type in _NUMBERS:  # "int | None" fields are not numbers that must be set
+                kind, minimum = _NUMBERS[config_field.type], config_field.metadata["minimum"]
+                setattr(self, config_field.name, checked_number(config_field.name, value, kind, minimum))
         check_fraction("drop_ratio", self.drop_ratio)
+        check_fraction("adapter_dropout", self.adapter_dropout)
         if POINT_ORDER[self.add_to] < POINT_ORDER[self.query_from]:
             raise ValueError(f"add_to={self.add_to!r} comes before query_from={self.query_from!r} inside a decoder layer")
-        if self.max_len <= 0:
-            raise ValueError(f"max_len={self.max_len} must be positive")
-        self.down_sample_num = [int(size) for size in self.down_sample_num]
+        if not isinstance(self.down_sample_num, (list, tuple)) or not self.down_sample_num:
+            raise ValueError(f"down_sample_num={self.down_sample_num!r} must be a non-empty list of token counts")
+        self.down_sample_num = [checked_number(f"down_sample_num[{index}]", size, int, minimum=1)
+                                for index, size in enumerate(self.down_sample_num)]
+
+    @classmethod
+    def check_compatible(cls, saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+        """A ValueError naming each option that decides what trained weights compute (COMPATIBILITY_KEYS) and differs
+        between a checkpoint's saved model section and the current one (absent keys: their defaults)."""
+        defaults = cls()
+        differences = [
+            f"{key}={saved.get(key, getattr(defaults, key))!r} there, {current.get(key, getattr(defaults, key))!r} here"
+            for key in COMPATIBILITY_KEYS
+            if _plain(saved.get(key, getattr(defaults, key))) != _plain(current.get(key, getattr(defaults, key)))
+        ]
+        if differences:
+            raise ValueError(f"checkpoint {source} was trained with other model options: {'; '.join(differences)}")
 
     def replace(self, **changes: Any) -> AdemVLConfig:
         return dataclasses.replace(self, **changes)
 
 
 _NUMBERS = {"bool": bool, "int": int, "float": float}
-
-
-def _number(name: str, value: Any, kind: type) -> Any:
-    if isinstance(value, str) or (kind is bool and not isinstance(value, (bool, int))):
-        raise ValueError(f"{name}={value!r} must be a {kind.__name__}")
-    return kind(value)
+# The options that decide what trained weights compute: a checkpoint loads only into a model with the same values
+# (paths, dtypes, placement and text settings may differ).
+COMPATIBILITY_KEYS = ("llm_config", "vision_config", "fusion", "activation", "query_from", "add_to", "down_sample_num",
+                      "pooling", "with_cls", "num_visual_input_tokens", "alpha", "beta", "drop_ratio", "hidden_proj",
+                      "adapter_dim", "adapter_scale")
 
 
 def _plain(value: Any) -> Any:
@@ -166,7 +184,8 @@ def markdown_table() -> str:
     for config_field in dataclasses.fields(AdemVLConfig):
         default = config_field.default_factory() if config_field.default is dataclasses.MISSING else config_field.default
         choices = config_field.metadata["choices"]
-        values = ", ".join(_cell(choice) for choice in choices) if choices else "-"
+        minimum = config_field.metadata["minimum"]
+        values = ", ".join(_cell(choice) for choice in choices) if choices else f">= {minimum}" if minimum is not None else "-"
         lines.append(f"| `{config_field.name}` | {_cell(default)} | {values} | {config_field.metadata['meaning']} |")
     return "\n".join(lines)
 

@@ -90,6 +90,8 @@ class PromptEncoder:
     def encode(self, samples: dict, with_answer: bool, prompt: str | None = None, reserve: int = 0) -> EncodedBatch:
         """The batch on the CPU; `reserve`: the number of tokens generation will add."""
         conversations = self.turns(samples, with_answer, prompt)
+        if not conversations:
+            raise ValueError("the batch holds no samples (text_input and image are empty)")
         has_image = image_flags(samples, len(conversations))
         encoded = [self.encode_turns(turns, bool(h), reserve) for turns, h in zip(conversations, has_image.tolist())]
         length = max(len(ids) for ids, _, _ in encoded)

@@ -34,35 +34,26 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lavis_ademvl.common.checkpoints import load_checkpoint_file
-from lavis_ademvl.common.dist import resolve_device
+from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
+from lavis_ademvl.common.cli import RunFailed
+from lavis_ademvl.common.dist import broadcast_from_main, resolve_device
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.common.results import EVALUATED_CHECKPOINT
+from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
 from lavis_ademvl.common.seeding import seed_everything
-from lavis_ademvl.common.validation import check_known_keys
+from lavis_ademvl.models.config import AdemVLConfig
 
-RUN_KEYS = frozenset(
-    {
-        # LAVIS 1.0.2 runner and task keys
-        "task", "runner", "lr_sched", "init_lr", "min_lr", "warmup_lr", "warmup_steps", "lr_decay_rate",
-        "weight_decay", "beta2", "max_epoch", "max_iters", "iters_per_inner_epoch", "batch_size_train",
-        "batch_size_eval", "num_workers", "accum_grad_iters", "seed", "output_dir", "amp", "resume_ckpt_path",
-        "evaluate", "train_splits", "valid_splits", "test_splits", "train_dataset_ratios", "device", "world_size",
-        "dist_url", "distributed", "gpu", "rank", "dist_backend", "log_freq", "use_dist_eval_sampler",
-        "max_len", "min_len", "num_beams", "num_ans_candidates", "inference_method", "prompt", "report_metric",
-        # runner_ademvl
-        "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files", "caption_pattern",
-    }
-)
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 
 
 @register("runner", "runner_ademvl")
 class RunnerAdemVL(RunnerBase):
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str) -> None:
-        check_known_keys("run", cfg.run_cfg.keys(), RUN_KEYS)
+        check_run_config(cfg.run_cfg, known_keys=True)
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
         self.best_agg_metric = -math.inf
         self.best_epoch = -1
+        self.trained_here = False  # whether this process trained or resumed the weights it evaluates
 
     # ------------------------------------------------------------------ setup
 
@@ -71,9 +62,14 @@ class RunnerAdemVL(RunnerBase):
         if resume and not self.evaluate_only:
             output_dir = Path(resume).resolve().parent
         else:
-            output_dir = Path(self.config.run_cfg.get("output_dir", "output")) / self.job_id
+            root = Path(self.config.run_cfg.get("output_dir", "output"))
+            # One new folder per run, made by the main process: two runs started in the same second never share one.
+            output_dir = broadcast_from_main(new_job_dir(root, self.job_id) if is_main_process() else None)
         result_dir = output_dir / "result"
-        result_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunFailed(f"cannot create the run folder {result_dir}: {error.strerror or error}") from error
         # LAVIS registers paths once per process; a second runner in the same process replaces them.
         registry.mapping["paths"]["output_dir"] = str(output_dir)
         registry.mapping["paths"]["result_dir"] = str(result_dir)
@@ -175,8 +171,11 @@ class RunnerAdemVL(RunnerBase):
     def train(self) -> None:
         start_time = time.time()
         self.log_config()
+        self.check_splits()
+        self.check_image_sizes()
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             self._load_checkpoint(self.resume_ckpt_path)
+            self.trained_here = True
         epochs_per_job = self.config.run_cfg.get("epochs_per_job")
         end_epoch = self.max_epoch if epochs_per_job is None else min(self.max_epoch, self.start_epoch + int(epochs_per_job))
 
@@ -185,6 +184,11 @@ class RunnerAdemVL(RunnerBase):
             if not self.evaluate_only:
                 logging.info("Start training epoch %d", cur_epoch)
                 self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                self.trained_here = True
+                # Saved before validation, so that a failure there loses no training.
+                if not self.valid_splits:
+                    self._save_checkpoint(cur_epoch, name=str(cur_epoch))
+                self._save_checkpoint(cur_epoch, name="latest")
             for split_name in self.valid_splits:
                 logging.info("Evaluating on %s.", split_name)
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
@@ -195,9 +199,8 @@ class RunnerAdemVL(RunnerBase):
                     self.log_stats({**val_log, "best_epoch": self.best_epoch}, split_name)
             if self.evaluate_only:
                 break
-            if not self.valid_splits:
-                self._save_checkpoint(cur_epoch, name=str(cur_epoch))
-            self._save_checkpoint(cur_epoch, name="latest")
+            if self.valid_splits:
+                self._save_checkpoint(cur_epoch, name="latest")  # again, with the best epoch so far
             self._barrier()
 
         if not self.evaluate_only and end_epoch < self.max_epoch:
@@ -209,6 +212,27 @@ class RunnerAdemVL(RunnerBase):
         test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def check_splits(self) -> None:
+        """Every split the run evaluates was built (checked before training, not after the first epoch)."""
+        built = sorted(self.dataloaders)
+        for key in ("valid_splits", "test_splits"):
+            unknown = [split for split in self.config.run_cfg.get(key) or [] if split not in built]
+            if unknown:
+                raise KeyError(f"run.{key} names {unknown}, which the datasets do not build; built splits: {built}")
+
+    def check_image_sizes(self) -> None:
+        """The image processors make images of the vision tower's size (else CLIP fails at the first evaluation)."""
+        tower = getattr(self.unwrap_dist_model(self.model), "vision_tower", None)
+        if tower is None:
+            return
+        expected = tower.config.image_size
+        for name, dataset_cfg in self.config.datasets_cfg.items():
+            for role, processor_cfg in (dataset_cfg.get("vis_processor") or {}).items():
+                size = (processor_cfg or {}).get("image_size")
+                if size is not None and size != expected:
+                    raise ValueError(f"datasets.{name}.vis_processor.{role}.image_size={size}, but the vision tower "
+                                     f"takes {expected}x{expected} images")
 
     def train_epoch(self, epoch: int) -> dict[str, str]:
         model = self.model
@@ -233,6 +257,7 @@ class RunnerAdemVL(RunnerBase):
             sync_context = model.no_sync() if self.use_distributed and not update else contextlib.nullcontext()
             with sync_context:
                 loss = self.task.train_step(model=model, samples=samples)
+                check_finite_loss(loss, epoch, step, iters)
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
             if update:
@@ -263,7 +288,20 @@ class RunnerAdemVL(RunnerBase):
         results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
         if results is None:
             return None
-        return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+        # The task's write_evaluation names the checkpoint; the label is this evaluation's only.
+        registry.register(EVALUATED_CHECKPOINT, self.evaluated_checkpoint(cur_epoch, skip_reload))
+        try:
+            return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+        finally:
+            registry.mapping["state"].pop(EVALUATED_CHECKPOINT, None)
+
+    def evaluated_checkpoint(self, cur_epoch: Any, skip_reload: bool) -> str:
+        """The checkpoint whose weights an evaluation scores, as evaluate.txt names it."""
+        if cur_epoch == "best" and not skip_reload:
+            return str(self.output_dir / "checkpoint_best.pth")
+        if self.trained_here:  # the weights of the epoch just trained, saved as checkpoint_latest.pth
+            return str(self.output_dir / LATEST_CHECKPOINT)
+        return built_checkpoint(self.config)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -280,9 +318,16 @@ class RunnerAdemVL(RunnerBase):
             "best_epoch": self.best_epoch,
         }
         path = self.output_dir / f"checkpoint_{name}.pth"
+        non_finite = non_finite_keys(checkpoint["model"])
+        if non_finite:  # never replace a good resume point with broken weights
+            raise RunFailed(f"epoch {cur_epoch}: not saving {path}: the weights {non_finite[:8]} hold NaN or inf")
         partial = path.with_suffix(".pth.partial")
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)  # an interrupted save never leaves a truncated checkpoint behind
+        try:
+            torch.save(checkpoint, partial)
+            os.replace(partial, path)  # an interrupted save never leaves a truncated checkpoint behind
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise RunFailed(f"cannot write checkpoint {path}: {error.strerror or error}") from error
         logging.info("Saved epoch %d checkpoint to %s", cur_epoch, path)
 
     def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -291,6 +336,11 @@ class RunnerAdemVL(RunnerBase):
 
     def _load_checkpoint(self, url_or_filename: str) -> None:
         checkpoint = load_checkpoint_file(url_or_filename, what="run.resume_ckpt_path: checkpoint")
+        missing = [key for key in ("model", "optimizer", "epoch") if key not in checkpoint]
+        if missing:
+            raise ValueError(f"run.resume_ckpt_path={url_or_filename} lacks {missing}: resume from a "
+                             f"{LATEST_CHECKPOINT} written by lavis_ademvl.train")
+        check_same_run(checkpoint.get("config"), self.config.to_dict(), url_or_filename)
         self.unwrap_dist_model(self.model).load_trainable_state(checkpoint["model"], source=url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
@@ -298,6 +348,12 @@ class RunnerAdemVL(RunnerBase):
         self.start_epoch = int(checkpoint["epoch"]) + 1
         self.best_agg_metric = float(checkpoint.get("best_agg_metric", -math.inf))
         self.best_epoch = int(checkpoint.get("best_epoch", -1))
+        best = self.output_dir / "checkpoint_best.pth"
+        if self.valid_splits and self.best_epoch >= 0 and not best.is_file():
+            raise FileNotFoundError(
+                f"run.resume_ckpt_path={url_or_filename}: its run's best epoch ({self.best_epoch}) was saved as {best}, "
+                f"which is missing; a resumed run ends by testing that checkpoint, so copy it beside the resumed one"
+            )
         logging.info("Resumed from %s at epoch %d", url_or_filename, self.start_epoch)
 
     def _synchronize_meters(self, metric_logger: MetricLogger) -> None:
@@ -317,3 +373,37 @@ class RunnerAdemVL(RunnerBase):
     def log_stats(self, stats: dict, split_name: str) -> None:
         with open(self.output_dir / "log.txt", "a") as handle:
             handle.write(json.dumps({f"{split_name}_{k}": v for k, v in stats.items()}) + "\n")
+
+
+def check_same_run(saved: dict | None, current: dict, source: str) -> None:
+    """A resumed run continues the run its checkpoint came from: the same task and model options."""
+    if not saved:
+        return
+    saved_task, task = (saved.get("run") or {}).get("task"), (current.get("run") or {}).get("task")
+    if saved_task != task:
+        raise ValueError(f"run.resume_ckpt_path={source} comes from a run of task {saved_task!r}, not {task!r}")
+    AdemVLConfig.check_compatible(saved.get("model") or {}, current.get("model") or {}, source)
+
+
+def new_job_dir(root: Path, job_id: str) -> Path:
+    """A folder root/<job_id> that did not exist before (root/<job_id>_1, _2, ... if it did), created now."""
+    path, attempt = root / job_id, 0
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=False)  # atomic: of two runs, only one creates a given folder
+            return path
+        except FileExistsError:
+            attempt += 1
+            path = root / f"{job_id}_{attempt}"
+        except OSError as error:
+            raise RunFailed(f"cannot create the run folder {path}: {error.strerror or error}") from error
+
+
+def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, iters: int) -> None:
+    """Stop the run at a NaN or infinite loss (its weights would follow), naming the iteration."""
+    if not torch.isfinite(loss.detach()).all():
+        raise RunFailed(
+            f"the training loss is {loss.item()} at epoch {epoch}, iteration {step} of {iters}; the run stops before "
+            f"the weights take it (the checkpoints written so far are kept). Lower run.init_lr, or check the data."
+        )
+

@@ -15,6 +15,7 @@ from lavis_ademvl.datasets.datasets.scienceqa_datasets import (
     QuestionFormat,
     ScienceQADataset,
     ScienceQASampleMaker,
+    check_problem,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "scienceqa_mc"
@@ -28,13 +29,19 @@ SPLIT_ROLES = ("train", "eval")
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file; missing, undecodable, invalid or not an object: an error naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"ScienceQA {what} not found: {path}")
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"ScienceQA {what} {path} is not UTF-8 text: {error}") from error
     except json.JSONDecodeError as error:
         raise ValueError(f"ScienceQA {what} {path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"ScienceQA {what} {path} holds a JSON {type(content).__name__}, not an object keyed by pid")
+    return content
 
 
 def for_split(value: Any, key: str, training: bool) -> Any:
@@ -127,6 +134,8 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
             missing = [pid for pid in pids if pid not in problems]
             if missing:
                 raise KeyError(f"{len(missing)} pids of split {source_split!r} are not in problems.json, e.g. {missing[:5]}")
+            for pid in pids:
+                check_problem(problems[pid], pid, root / "problems.json")
             training = split == "train"
             datasets[split] = ScienceQADataset(
                 problems=problems,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,30 @@ OPTION_LETTERS = string.ascii_uppercase
 
 def option_letters(num_choices: int) -> list[str]:
     return list(OPTION_LETTERS[:num_choices])
+
+
+def check_problem(problem: Any, pid: str, source: Path | str, labelled: bool = True) -> None:
+    """A ScienceQA problem is well formed, else a ValueError naming `source` and the pid: a non-empty question, a
+    non-empty list of at most 26 choices (one letter each), and (when `labelled`) an integer answer indexing them."""
+    where = f"{source}: problem {pid}"
+    if not isinstance(problem, dict):
+        raise ValueError(f"{where} is a {type(problem).__name__}, not an object")
+    question = problem.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: `question` must be a non-empty string, got {question!r}")
+    choices = problem.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}: `choices` must be a non-empty list of options, got {choices!r}")
+    if len(choices) > len(OPTION_LETTERS):
+        raise ValueError(f"{where} has {len(choices)} choices; options are lettered A-Z, so at most {len(OPTION_LETTERS)}")
+    if not all(isinstance(choice, (str, int, float)) and not isinstance(choice, bool) for choice in choices):
+        raise ValueError(f"{where}: every choice must be a string (or number), got {choices!r}")
+    answer = problem.get("answer")
+    if answer is None and not labelled:
+        return
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: `answer` must be an integer index into its {len(choices)} choices "
+                         f"(0-{len(choices) - 1}), got {answer!r}")
 
 
 def answer_text(answer: str) -> str:
