@@ -39,10 +39,27 @@ def read_evaluations(path: str | Path) -> list[tuple[str | None, dict[str, Any]]
     return evaluations
 
 
-def finished_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
-    """The test-split metrics of the newest job under run_dir that finished its test evaluation, else None."""
+def finished_test_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(job folder, test-split metrics) of the newest job under run_dir that finished its test evaluation, else None."""
     for evaluate_file in sorted(Path(run_dir).glob(f"*/{EVALUATION_FILE}"), reverse=True):
         tests = [metrics for split, metrics in read_evaluations(evaluate_file) if split == "test"]
         if tests:
-            return tests[-1]
+            return evaluate_file.parent, tests[-1]
     return None
+
+
+def finished_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """The test-split metrics of the newest job under run_dir that finished its test evaluation, else None."""
+    found = finished_test_run(run_dir)
+    return None if found is None else found[1]
+
+
+def result_records(job_dir: str | Path, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-question records behind a job's test `metrics`: result/test_epoch<epoch>.json, which tasks that log
+    their epoch with the metrics (scienceqa_mc) save through LAVIS's `save_result`."""
+    if "epoch" not in metrics:
+        raise KeyError(f"{Path(job_dir) / EVALUATION_FILE}: the test record names no epoch, so no result file")
+    result_file = Path(job_dir) / "result" / f"test_epoch{metrics['epoch']}.json"
+    if not result_file.is_file():
+        raise FileNotFoundError(f"{Path(job_dir) / EVALUATION_FILE} records a test evaluation but {result_file} is missing")
+    return json.loads(result_file.read_text())

@@ -51,6 +51,7 @@ RUN_KEYS = frozenset(
         "max_len", "min_len", "num_beams", "num_ans_candidates", "inference_method", "prompt", "report_metric",
         # runner_ademvl
         "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files", "caption_pattern",
+        "deterministic",
     }
 )
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
