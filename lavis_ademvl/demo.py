@@ -1,69 +1,248 @@
 """`make demo`: the offline demo, end to end on CPU.
 
-Prepares the assets (SmolLM2-135M-Instruct from PyPI, a seeded random CLIP tower, easy-VQA questions in
-ScienceQA's layout), trains and evaluates ADEM-VL and the text-only baseline (`model.fusion=none`, same recipe)
-through LAVIS, and prints both in a Table-I-style accuracy table. A finished run is reused; --force reruns it.
+Prepares the assets (SmolLM2-135M-Instruct from PyPI, a small CLIP pretrained here on the demo's training images,
+easy-VQA questions in ScienceQA's layout), trains and evaluates ADEM-VL and the text-only baseline
+(`model.fusion=none`, same recipe) through LAVIS, and prints three test questions with both models' answers,
+accuracy by image question type, the time taken, Table I's columns and, last, two drop maps (paper Fig. 3) drawn
+with the trained ADEM-VL. `--seeds N` trains both models with N training seeds (the first is the one `make demo`
+uses) and adds the mean and spread over seeds. A finished run made with the same settings is reused; --force
+retrains.
 """
 from __future__ import annotations
 
-import argparse
-import subprocess
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from lavis_ademvl.assets.__main__ import main as prepare_assets
-from lavis_ademvl.common.results import finished_test_metrics
-from lavis_ademvl.tasks.scienceqa import format_table
+from omegaconf import OmegaConf
+
+from lavis_ademvl.assets import AssetError, prepare_assets, read_marker
+from lavis_ademvl.assets.easyvqa_sqa import FAMILIES, family_of
+from lavis_ademvl.common.cli import RunFailed, entry_point, tool_parser, train_or_reuse
+from lavis_ademvl.common.config_files import load_experiment
+from lavis_ademvl.common.results import finished_job, result_records
+from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, format_table
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = {"ADEM-VL": "adem", "text only (fusion: none)": "none"}
+ADEM, TEXT_ONLY = RUNS
+SETTINGS_FILE = "demo_settings.json"  # what a finished run was made with, to tell whether it can be reused
+NUM_VAL = 20
+
+PARSER = tool_parser("lavis_ademvl.demo", __doc__, experiment=False)
+PARSER.add_argument("--cfg-path", type=Path, default=REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml")
+PARSER.add_argument("--output-dir", type=Path, default=Path("output/ademvl/demo"))
+PARSER.add_argument("--cache-dir", type=Path, help="asset cache (default: $LAVIS_ADEMVL_CACHE or ~/.cache/lavis_ademvl)")
+PARSER.add_argument("--num-train", type=int, default=600, help="training questions (default 600)")
+PARSER.add_argument("--num-test", type=int, default=300, help="test questions (default 300)")
+PARSER.add_argument("--seeds", type=int, default=1, help="training seeds: run.seed, run.seed+1, ... (default 1)")
+PARSER.add_argument("--force", action="store_true", help="retrain runs that already finished")
+PARSER.add_argument(
+    "--options", nargs="+", default=[],
+    help="config overrides for both runs, key=value (after the asset paths; the demo sets model.fusion and run.seed)",
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lavis_ademvl.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg-path", type=Path, default=REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml")
-    parser.add_argument("--output-dir", type=Path, default=Path("output/ademvl/demo"))
-    parser.add_argument("--cache-dir", type=Path, help="asset cache (default: $LAVIS_ADEMVL_CACHE or ~/.cache/lavis_ademvl)")
-    parser.add_argument("--num-train", type=int, default=600)
-    parser.add_argument("--num-test", type=int, default=300)
-    parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
-    parser.add_argument("--options", nargs="+", default=[], help="extra config overrides for both runs, key=value")
-    return parser.parse_args(argv)
+# ------------------------------------------------------------------ training runs
 
 
+def run_once(name: str, run_dir: Path, cfg_path: Path, options: list[str], settings: dict, force: bool) -> float:
+    """Train and evaluate one model (common.cli.train_or_reuse) unless run_dir holds a finished run made with
+    `settings` (the config, options and asset builds); returns the seconds spent (0 when reused)."""
+    settings_file = run_dir / SETTINGS_FILE
+    reuse = (
+        not force
+        and settings_file.is_file()
+        and json.loads(settings_file.read_text()) == settings
+        and finished_job(run_dir) is not None
+    )
+    start = time.monotonic()
+    train_or_reuse(cfg_path, run_dir, options, label=name, force=not reuse)
+    if reuse:
+        return 0.0
+    settings_file.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    return time.monotonic() - start
+
+
+# ------------------------------------------------------------------ what the results show
+
+
+def image_question_types(problems: dict[str, dict], pids: list[str]) -> dict[str, list[str]]:
+    """Test questions with an image, by answer family (colour, shape, yes/no), in pid order."""
+    types: dict[str, list[str]] = {family: [] for family in FAMILIES}
+    for pid in pids:
+        problem = problems[pid]
+        if problem["image"] is not None:
+            types[family_of(problem["choices"][problem["answer"]])].append(pid)
+    return types
+
+
+def accuracy_by_type(types: dict[str, list[str]], predictions: dict[str, dict]) -> dict[str, float]:
+    """Accuracy (%) of each question type, from a run's per-question test results."""
+    return {
+        family: 100.0 * sum(predictions[pid]["prediction"] == predictions[pid]["answer"] for pid in pids) / len(pids)
+        for family, pids in types.items()
+        if pids
+    }
+
+
+def chosen_option(problem: dict, record: dict) -> str:
+    letters = [chr(ord("A") + index) for index in range(len(problem["choices"]))]
+    letter = record["prediction"]
+    return problem["choices"][letters.index(letter)] if letter in letters else "(none)"
+
+
+def print_examples(examples: list[str], problems: dict, image_dir: Path, predictions: dict[str, dict]) -> None:
+    print("\nExample test questions (the first with an image of each type), with each model's answer:")
+    for pid in examples:
+        problem = problems[pid]
+        right = problem["choices"][problem["answer"]]
+        print(f"  question {pid} ({family_of(right)}): {problem['question']}  options: {' / '.join(problem['choices'])}")
+        print(f"    image: {image_dir / pid / problem['image']}")
+        answers = []
+        for name in RUNS:
+            answer = chosen_option(problem, predictions[name][pid])
+            answers.append(f"{name.split(' (')[0]}: {answer} ({'right' if answer == right else 'wrong'})")
+        print(f"    right answer: {right} | " + " | ".join(answers))
+
+
+def mean_and_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
+
+
+def print_type_table(by_type: dict[str, list[dict[str, float]]], types: dict[str, list[str]], seeds: list[int]) -> None:
+    over = f"mean ± sample sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    print(f"\nTest questions with an image, accuracy (%) by type ({over}):\n")
+    print("| question type | questions | ADEM-VL | text only |")
+    print("|---|---|---|---|")
+    for family, pids in types.items():
+        if pids:
+            cells = [mean_and_spread([run[family] for run in by_type[name]]) for name in RUNS]
+            print(f"| {family} | {len(pids)} | {cells[0]} | {cells[1]} |")
+
+
+def seed_summary(metrics: dict[str, list[dict]], seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Table I rows: each method's mean and sample standard deviation over the seeds."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in RUNS:
+        runs = metrics[name]
+        rows[f"{name}, mean of {len(seeds)} seeds"] = {c: statistics.mean(m[c] for m in runs) for c in TABLE_COLUMNS}
+        rows[f"{name}, sample sd"] = {c: statistics.stdev(m[c] for m in runs) for c in TABLE_COLUMNS}
+    return rows
+
+
+# ------------------------------------------------------------------ drop maps
+
+
+def draw_drop_maps(
+    cfg_path: Path, options: list[str], checkpoint: Path, problems: dict, image_dir: Path, pids: list[str],
+    out_dir: Path,
+) -> list[Path]:
+    """Drop maps (paper Fig. 3) of the trained ADEM-VL for test questions `pids`, each built as `visualize` builds
+    it (the evaluation's sample maker and image processor)."""
+    from lavis_ademvl.common.images import load_image
+    from lavis_ademvl.inference import Question, load_for_inference, question_batch
+    from lavis_ademvl.visualize import draw, kept_masks
+
+    model, processor, config = load_for_inference(cfg_path, str(checkpoint), options, device="cpu")
+    paths = []
+    for pid in pids:
+        problem = problems[pid]
+        image = load_image(image_dir / pid / problem["image"])
+        batch = question_batch(config, processor, Question(image, problem["question"], problem["choices"], problem["hint"]))
+        path = out_dir / f"question_{pid}.png"
+        draw(image, kept_masks(model, batch), model.config.down_sample_num, "all", path)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------ main
+
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = PARSER.parse_args(argv)
+    if args.seeds < 1:
+        PARSER.error(f"--seeds must be at least 1, got {args.seeds}")
     started = time.monotonic()
-    asset_args = ["--what", "smollm2", "clip", "scienceqa", "--num-train", str(args.num_train),
-                  "--num-val", "20", "--num-test", str(args.num_test)]
-    if args.cache_dir:
-        asset_args += ["--cache-dir", str(args.cache_dir)]
-    if prepare_assets(asset_args) != 0:
-        return 1
-    env_options = [f"datasets.scienceqa_mc.build_info.data_root={args.cache_dir / 'scienceqa_easyvqa'}",
-                   f"model.llm_model={args.cache_dir / 'smollm2-135m-instruct'}",
-                   f"model.vision_model={args.cache_dir / 'clip-random-64px'}"] if args.cache_dir else []
-    results = {}
-    for name, fusion in RUNS.items():
-        run_dir = args.output_dir / fusion
-        metrics = None if args.force else finished_test_metrics(run_dir)
-        if metrics is None:
-            print(f"\n=== training and evaluating {name} ===", flush=True)
-            command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(args.cfg_path), "--options",
-                       f"model.fusion={fusion}", f"run.output_dir={run_dir}", *env_options, *args.options]
-            if subprocess.run(command).returncode != 0:
-                print(f"error: the {name} run failed (command: {' '.join(command)})", file=sys.stderr)
-                return 1
-            metrics = finished_test_metrics(run_dir)
-        else:
-            print(f"reusing the finished {name} run in {run_dir} (--force retrains)")
-        results[name] = metrics
-    print("\nScienceQA-format easy-VQA test set, accuracy (%):\n")
-    print(format_table(results))
-    adem, text_only = (results[name]["IMG"] for name in RUNS)
-    print(f"\nIMG questions: ADEM-VL {adem:.2f} vs text only {text_only:.2f} ({adem - text_only:+.2f} points)")
-    print(f"demo time: {time.monotonic() - started:.0f} s")
+    # The config and options are checked before minutes go into the assets.
+    base_seed = int(load_experiment(args.cfg_path, args.options).run_cfg.get("seed", 42))
+    seeds = [base_seed + offset for offset in range(args.seeds)]
+    times: dict[str, float] = {}
+    sizes = {"num_train": args.num_train, "num_val": NUM_VAL, "num_test": args.num_test}
+    try:
+        assets = prepare_assets(["smollm2", "clip", "scienceqa"], args.cache_dir, sizes)
+    except AssetError as error:
+        raise RunFailed(str(error)) from error
+    times["assets"] = time.monotonic() - started
+    asset_options = [
+        f"datasets.scienceqa_mc.build_info.data_root={assets['scienceqa']}",
+        f"model.llm_model={assets['smollm2']}",
+        f"model.vision_model={assets['clip']}",
+    ]
+    markers = {name: read_marker(path) for name, path in assets.items()}
+    run_dirs: dict[tuple[int, str], Path] = {}
+    trained_now = False
+    for seed in seeds:
+        for name, fusion in RUNS.items():
+            run_dir = args.output_dir / f"seed{seed}" / fusion
+            options = [*asset_options, *args.options, f"model.fusion={fusion}", f"run.seed={seed}"]
+            config = OmegaConf.to_container(load_experiment(args.cfg_path, options).config, resolve=True)
+            seconds = run_once(name, run_dir, args.cfg_path, options, {"config": config, "assets": markers}, args.force)
+            times[name] = times.get(name, 0.0) + seconds
+            trained_now |= seconds > 0
+            run_dirs[seed, name] = run_dir
+
+    data_root = assets["scienceqa"]
+    image_dir = data_root / "images" / "test"
+    problems = json.loads((data_root / "problems.json").read_text())
+    test_pids = json.loads((data_root / "pid_splits.json").read_text())["test"]
+    types = image_question_types(problems, test_pids)
+    metrics: dict[str, list[dict]] = {name: [] for name in RUNS}
+    by_type: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
+    predictions: dict[tuple[int, str], dict[str, dict]] = {}
+    jobs: dict[tuple[int, str], Path] = {}
+    for (seed, name), run_dir in run_dirs.items():
+        jobs[seed, name], run_metrics = finished_job(run_dir)
+        predictions[seed, name] = {record["question_id"]: record for record in result_records(jobs[seed, name], run_metrics)}
+        metrics[name].append(run_metrics)
+        by_type[name].append(accuracy_by_type(types, predictions[seed, name]))
+
+    first = seeds[0]
+    examples = [pids[0] for pids in types.values() if pids][:3]
+    print_examples(examples, problems, image_dir, {name: predictions[first, name] for name in RUNS})
+    print_type_table(by_type, types, seeds)
+
+    # Drop maps of the first seed's ADEM-VL for the first two example images (redrawn when that run is new).
+    map_dir = args.output_dir / f"seed{first}" / "drop_maps"
+    map_paths = [map_dir / f"question_{pid}.png" for pid in examples[:2]]
+    start = time.monotonic()
+    if trained_now or not all(path.is_file() for path in map_paths):
+        checkpoint = jobs[first, ADEM] / "checkpoint_latest.pth"
+        options = [*asset_options, *args.options, "model.fusion=adem", f"run.seed={first}"]
+        map_paths = draw_drop_maps(args.cfg_path, options, checkpoint, problems, image_dir, examples[:2], map_dir)
+    times["drop maps"] = time.monotonic() - start
+
+    adem_img = [m["IMG"] for m in metrics[ADEM]]
+    text_img = [m["IMG"] for m in metrics[TEXT_ONLY]]
+    gaps = [adem - text for adem, text in zip(adem_img, text_img)]
+    print(f"\nIMG questions: ADEM-VL {mean_and_spread(adem_img)} vs text only {mean_and_spread(text_img)}; "
+          f"difference {mean_and_spread(gaps)} points")
+    parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in times.items())
+    print(f"demo time: {time.monotonic() - started:.0f} s ({parts}; 0 s = reused)")
+    print(f"\nScienceQA-format easy-VQA test set ({len(test_pids)} questions), accuracy (%), seed {first}:\n")
+    print(format_table({name: metrics[name][0] for name in RUNS}))
+    if len(seeds) > 1:
+        print(f"\nOver training seeds {', '.join(map(str, seeds))}:\n")
+        print(format_table(seed_summary(metrics, seeds)))
+    print("\nDrop maps (paper Fig. 3) of the trained ADEM-VL, for the first two example questions:")
+    for path in map_paths:
+        print(path)
     return 0
 
 

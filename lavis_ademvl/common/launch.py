@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 from lavis.common.config import Config
@@ -63,6 +65,10 @@ def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = (), ev
     seed_everything(int(run_cfg.get("seed", 42)) + get_rank())
     cudnn.benchmark = False
     cudnn.deterministic = True
+    if run_cfg.get("deterministic", False):
+        # cuBLAS needs a fixed workspace for deterministic matmuls; it must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     setup_logger()
     job_id = broadcast_from_main(datetime.now().strftime("%Y%m%d%H%M%S"))
     cfg.pretty_print()

@@ -95,3 +95,14 @@ def record_request(job_dir: str | Path, request: str) -> None:
 def recorded_request(job_dir: str | Path) -> str | None:
     path = Path(job_dir) / REQUEST_FILE
     return path.read_text() if path.is_file() else None
+
+
+def result_records(job_dir: str | Path, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-question records behind a job's test `metrics`: result/test_epoch<epoch>.json, which tasks that log
+    their epoch with the metrics (scienceqa_mc) save through LAVIS's `save_result`."""
+    if "epoch" not in metrics:
+        raise KeyError(f"{Path(job_dir) / EVALUATION_FILE}: the test record names no epoch, so no result file")
+    result_file = Path(job_dir) / "result" / f"test_epoch{metrics['epoch']}.json"
+    if not result_file.is_file():
+        raise FileNotFoundError(f"{Path(job_dir) / EVALUATION_FILE} records a test evaluation but {result_file} is missing")
+    return json.loads(result_file.read_text())

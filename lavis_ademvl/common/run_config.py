@@ -22,7 +22,7 @@ RUN_KEYS = frozenset(
         "dist_url", "distributed", "gpu", "rank", "dist_backend", "log_freq", "use_dist_eval_sampler",
         "max_len", "min_len", "num_beams", "num_ans_candidates", "inference_method", "prompt", "report_metric",
         # runner_ademvl
-        "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files", "caption_pattern",
+        "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files", "caption_pattern", "deterministic",
         "dist_timeout_minutes", "allow_untrained",
     }
 )
@@ -34,7 +34,7 @@ RUN_NUMBERS: dict[str, tuple[type, float | None]] = {
     "batch_size_train": (int, 1), "batch_size_eval": (int, 1), "num_workers": (int, 0), "accum_grad_iters": (int, 1),
     "seed": (int, 0), "log_freq": (int, 1), "max_len": (int, 1), "min_len": (int, 0), "num_beams": (int, 1),
     "num_ans_candidates": (int, 1), "dist_timeout_minutes": (float, 0.1),
-    "amp": (bool, None), "evaluate": (bool, None), "allow_untrained": (bool, None),
+    "amp": (bool, None), "evaluate": (bool, None), "allow_untrained": (bool, None), "deterministic": (bool, None),
 }
 SPLIT_KEYS = ("train_splits", "valid_splits", "test_splits")
 # Minutes a rank waits for the others in a collective before the run ends (`run.dist_timeout_minutes`): a hung CPU
