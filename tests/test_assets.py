@@ -375,7 +375,10 @@ def test_demo_configs_train_deterministically_and_evaluate(smollm2_dir, demo_cli
         job, metrics = finished_job(tmp_path / name)
         weights = torch.load(job / "checkpoint_latest.pth", weights_only=True)["model"]
         runs.append((job, metrics, weights, result_records(job, metrics)))
-    (job, trained, weights, answers), (_, again, weights_again, answers_again) = runs
+    (job, trained, weights, answers), (job_again, again, weights_again, answers_again) = runs
+    # Each record names the checkpoint it scored: the run's own, in its own job folder.
+    assert trained.pop("checkpoint") == str(job / "checkpoint_latest.pth")
+    assert again.pop("checkpoint") == str(job_again / "checkpoint_latest.pth")
     assert trained == again and answers == answers_again
     assert weights.keys() == weights_again.keys() and all(torch.equal(weights[k], weights_again[k]) for k in weights)
     run_module("lavis_ademvl.evaluate", demo / "sqa_smollm2_eval.yaml",
