@@ -12,6 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
 
 EVALUATION_FILE = "evaluate.txt"
@@ -30,6 +31,19 @@ def write_evaluation(split: str, metrics: dict[str, Any], output_dir: str | Path
         metrics = {**metrics, "checkpoint": checkpoint}
     with open(folder / EVALUATION_FILE, "a") as handle:
         handle.write(json.dumps({split: metrics}) + "\n")
+
+
+def gathered_records(task: Any, val_result: list[dict], split_name: str, epoch: Any) -> list[dict] | None:
+    """Every rank's records of one evaluation, merged by question_id through the task's LAVIS `save_result` (which
+    writes result/<split>_epoch<epoch>.json), on the main process; None on the other ranks."""
+    result_file = task.save_result(
+        val_result, result_dir=registry.get_path("result_dir"), filename=f"{split_name}_epoch{epoch}",
+        remove_duplicate="question_id",
+    )
+    if not is_main_process():
+        return None
+    with open(result_file) as handle:
+        return json.load(handle)
 
 
 def read_evaluations(path: str | Path) -> list[tuple[str | None, dict[str, Any]]]:

@@ -7,17 +7,14 @@ greedy token read as its first capital letter, or `rank`); a question is right o
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from typing import Any
 
-from lavis.common.dist_utils import is_main_process
-from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.common.results import write_evaluation
+from lavis_ademvl.common.results import gathered_records, write_evaluation
 from lavis_ademvl.common.validation import check_choice
 from lavis_ademvl.tasks.scienceqa import INFERENCE_METHODS, answer_questions
 
@@ -67,14 +64,9 @@ class MMBenchTask(BaseTask):
         ]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        result_file = self.save_result(
-            val_result, result_dir=registry.get_path("result_dir"), filename=f"{split_name}_epoch{epoch}",
-            remove_duplicate="question_id",
-        )
-        if not is_main_process():
+        records = gathered_records(self, val_result, split_name, epoch)
+        if records is None:  # not the main process
             return None
-        with open(result_file) as handle:
-            records = json.load(handle)
         metrics = circular_metrics(records)
         logging.info("MMBench %s: circular accuracy %.2f over %d questions (vanilla %s); per category %s", split_name,
                      metrics["agg_metrics"], metrics["questions"], metrics["vanilla"], metrics["category"])

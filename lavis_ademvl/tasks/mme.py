@@ -12,18 +12,16 @@ truth, answer, tab-separated; an image's two questions on consecutive lines), wh
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.common.results import write_evaluation
+from lavis_ademvl.common.results import gathered_records, write_evaluation
 from lavis_ademvl.datasets.datasets.mme_datasets import COGNITION, PERCEPTION, SUBTASKS
 
 MAX_NEW_TOKENS = 10  # eval_mme.py's max_gen_len
@@ -139,14 +137,9 @@ class MMETask(BaseTask):
         ]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        result_file = self.save_result(
-            val_result, result_dir=registry.get_path("result_dir"), filename=f"{split_name}_epoch{epoch}",
-            remove_duplicate="question_id",
-        )
-        if not is_main_process():
+        records = gathered_records(self, val_result, split_name, epoch)
+        if records is None:  # not the main process
             return None
-        with open(result_file) as handle:
-            records = json.load(handle)
         folder = Path(registry.get_path("result_dir")) / RESULT_FOLDER
         write_result_files(records, folder)
         metrics = mme_metrics(records)

@@ -1,18 +1,15 @@
 """Task `scienceqa_mc`: multiple-choice evaluation with ScienceQA's Table I breakdown."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable
 from typing import Any
 
-from lavis.common.dist_utils import is_main_process
-from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.common.results import write_evaluation
+from lavis_ademvl.common.results import gathered_records, write_evaluation
 from lavis_ademvl.common.validation import check_choice
 
 INFERENCE_METHODS = ("generate", "rank")
@@ -139,16 +136,9 @@ class ScienceQAMCTask(BaseTask):
         ]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        result_file = self.save_result(
-            val_result,
-            result_dir=registry.get_path("result_dir"),
-            filename=f"{split_name}_epoch{epoch}",
-            remove_duplicate="question_id",
-        )
-        if not is_main_process():
+        records = gathered_records(self, val_result, split_name, epoch)
+        if records is None:  # not the main process
             return None
-        with open(result_file) as handle:
-            records = json.load(handle)
         metrics = scienceqa_metrics(records)
         logging.info("ScienceQA %s (%d questions):\n%s", split_name, len(records), format_table({"ADEM-VL": metrics}))
         write_evaluation(split_name, {**metrics, "epoch": epoch})
