@@ -93,6 +93,56 @@ def test_loss_and_scores_equal_those_of_full_logits():
     torch.testing.assert_close(torch.tensor(scores), torch.tensor(reference_scores))
 
 
+def full_sequence_scores(model, samples: dict, answer_list: list[list[str]]) -> list[list[float]]:
+    """The slow restatement of rank scoring: each (sample, candidate) pair run alone, whole, through the LLM, and the
+    log-probabilities of its labelled tokens summed."""
+    scores = []
+    for row, candidates in enumerate(answer_list):
+        row_scores = []
+        for candidate in candidates:
+            pair = {
+                "image": samples["image"][row : row + 1],
+                "has_image": samples["has_image"][row : row + 1],
+                "text_input": [samples["text_input"][row]],
+                "answer_cue": samples["answer_cue"],
+                "text_output": [candidate],
+            }
+            with torch.no_grad():
+                logits, encoded = model.answer_logits(pair, with_answer=True)
+            labels = encoded.labels[0]
+            targets = labels[labels.shape[0] + 1 - logits.shape[1] :]
+            logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+            row_scores.append(sum((logprobs[t, int(token)].item() for t, token in enumerate(targets) if token != -100), 0.0))
+        scores.append(row_scores)
+    return scores
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"fusion": "none"}, {"fusion": "prefix"}, {"num_visual_input_tokens": 4}, {"max_len": 120},
+     {"max_len": 100, "truncation": "end"}],
+    ids=["adem", "none", "prefix", "visual-input-tokens", "prompt-cut-in-the-middle", "answers-cut-at-the-end"],
+)
+@pytest.mark.parametrize("rows_per_pass", [64, 3])
+def test_candidate_scores_equal_each_pair_scored_alone(overrides, rows_per_pass):
+    """Rank scoring runs each sample's shared prompt once (KV cache) and then its candidates; the scores must be those
+    of every pair run whole and alone, for candidates of different lengths and counts, with and without an image,
+    when truncation cuts the prompt differently for long answers, and when it cuts answers away."""
+    model = tiny_model(**overrides).eval()
+    batch = make_batch(batch=4, has_image=[1, 0, 1, 1])
+    answer_list = [
+        [" A.", " B, because the picture shows it clearly.", " yes"],
+        [" C."],
+        [" a much longer answer than the others, long enough to need the prompt cut", " D.", " E", " no."],
+        [" A.", " A. Really."],
+    ]
+    scores = model.score_candidates(batch, answer_list, rows_per_pass=rows_per_pass)
+    reference = full_sequence_scores(model, batch, answer_list)
+    assert [len(row) for row in scores] == [len(row) for row in answer_list]
+    torch.testing.assert_close(torch.tensor(sum(scores, [])), torch.tensor(sum(reference, [])), rtol=1e-4, atol=1e-4)
+    assert len(set(sum(scores, []))) > 5  # the candidates really were told apart
+
+
 def test_cpu_bfloat16_trains_close_to_float32():
     """cpu_dtype: bfloat16 runs the frozen towers in bfloat16 under CPU autocast; trainable weights stay float32."""
     batch = make_batch()

@@ -330,9 +330,14 @@ class AdemVL(BaseModel):
                 attention_mask=encoded.attention_mask,
                 position_ids=encoded.position_ids,
                 use_cache=False,
-                **({"logits_to_keep": last_columns(embeds, keep)} if self._llm_keeps_logits else {}),
+                **self.logits_to_keep(embeds, keep),
             )
         return output.logits[:, -keep:], encoded
+
+    def logits_to_keep(self, embeds: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+        """The LLM's keyword asking for the logits of the last `count` positions only (none where the LLM has no
+        such option: it then returns every position's)."""
+        return {"logits_to_keep": last_columns(embeds, count)} if self._llm_keeps_logits else {}
 
     def generate_token_ids(self, samples: dict, prompt: str | None = None, expand: int = 1, **options: Any) -> torch.Tensor:
         """Hugging Face generation after each sample's prompt, `expand` rows per sample: the new token ids."""

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lavis_ademvl.models.processing import answer_after, image_flags
+from lavis_ademvl.models.processing import EncodedBatch, answer_after, image_flags
 
 if TYPE_CHECKING:
-    from lavis_ademvl.models.ademvl import AdemVL
+    from lavis_ademvl.models.ademvl import AdemVL, VisualInputs
 
 
 @torch.no_grad()
@@ -19,7 +19,8 @@ def score_candidates(
 ) -> list[list[float]]:
     """Sum of log-probabilities of each candidate's tokens (and the closing eos) after the sample's prompt.
 
-    The vision tower runs once per sample; the (sample, candidate) pairs go through the LLM `rows_per_pass` at a time.
+    The vision tower runs once per sample; the (sample, candidate) pairs go through the LLM `rows_per_pass` at a time,
+    and the tokens a sample's candidates share (its prompt) once per sample (`shared_prefix_scores`).
     """
     pairs = [(row, candidate) for row, candidates in enumerate(answer_list) for candidate in candidates]
     if not pairs:
@@ -38,18 +39,108 @@ def score_candidates(
             "answer_cue": [cues[row] for row, _ in chunk],
             "text_output": [candidate for _, candidate in chunk],
         }
-        device_rows = rows.to(model.device)
-        chunk_visual = tuple(None if t is None else t[device_rows] for t in visual)
-        logits, encoded = model.answer_logits(expanded, with_answer=True, visual=chunk_visual)
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = encoded.labels[:, encoded.labels.shape[1] + 1 - logits.shape[1] :]
-        token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        flat_scores += (token_logprobs * (targets != -100)).sum(-1).tolist()
+        flat_scores += shared_prefix_scores(model, expanded, rows, visual)
     scores, start = [], 0
     for candidates in answer_list:
         scores.append(flat_scores[start : start + len(candidates)])
         start += len(candidates)
     return scores
+
+
+def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, visual: VisualInputs) -> list[float]:
+    """Scores of (sample, candidate) pairs, sample `rows[i]` for pair i: each sample's tokens common to all its pairs
+    (up to its first answer token) run once, with the KV cache, and the rest of each pair after it.
+
+    Exactly the full-sequence scores (tests/test_model.py restates them): the pairs are tokenized as training does,
+    and the shared part is found on the token ids, so tokenizer merges and truncation change nothing.
+    """
+    encoded = model.encode_batch(pair_samples, with_answer=True)
+    pads = (encoded.attention_mask == 0).sum(-1).tolist()
+    sequences = [ids[pad:] for ids, pad in zip(encoded.input_ids.tolist(), pads)]
+    labels = [row_labels[pad:] for row_labels, pad in zip(encoded.labels.tolist(), pads)]
+    slots = [row_slots[pad:] for row_slots, pad in zip(encoded.slot_mask.tolist(), pads)]
+    scored = [i for i, row_labels in enumerate(labels) if any(label != -100 for label in row_labels)]
+    scores = [0.0] * len(sequences)  # a pair whose answer truncation cut away (truncation 'end') scores 0
+    if not scored:
+        return scores
+    # One prefix per sample: the ids all its pairs share, ending at or before its first answer token.
+    groups = sorted({int(rows[i]) for i in scored})
+    shared: dict[int, int] = {}
+    for row in groups:
+        members = [i for i in scored if int(rows[i]) == row]
+        first_label = min(next(t for t, label in enumerate(labels[i]) if label != -100) for i in members)
+        length = first_label
+        for i in members[1:]:
+            length = min(length, common_length(sequences[members[0]], sequences[i]))
+        if length < 1:
+            raise ValueError("rank scoring needs at least one token (bos, image prompt or prompt) before the answers")
+        shared[row] = length
+    if any(any(row_slots[shared[int(rows[i])] :]) for i, row_slots in enumerate(slots) if i in scored):
+        raise RuntimeError("image slots after the shared prompt: the prompt tokens differ between candidates")
+    group_index = {row: g for g, row in enumerate(groups)}
+    group_rows = torch.tensor(groups)
+    device = model.device
+
+    prefix = left_padded([sequences[_first_member(rows, scored, row)][: shared[row]] for row in groups],
+                         model.tokenizer.pad_token_id)
+    prefix_slots = left_padded([slots[_first_member(rows, scored, row)][: shared[row]] for row in groups], False)
+    prefix_batch = EncodedBatch(prefix[0], prefix[1], prefix_slots[0].bool(), torch.full_like(prefix[0], -100)).to(device)
+    group_visual = tuple(None if t is None else t[group_rows.to(device)] for t in visual)
+    with model._llm_inputs({}, prefix_batch, group_visual) as embeds:
+        output = model.llm(
+            inputs_embeds=embeds, attention_mask=prefix_batch.attention_mask, position_ids=prefix_batch.position_ids,
+            use_cache=True, **model.logits_to_keep(embeds, 1),
+        )
+    prefix_logits, cache = output.logits[:, -1], output.past_key_values
+
+    suffix_ids = [sequences[i][shared[int(rows[i])] :] for i in scored]
+    suffix_labels = [labels[i][shared[int(rows[i])] :] for i in scored]
+    width = max(len(ids) for ids in suffix_ids)
+    pad_id = model.tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in suffix_ids])
+    targets = torch.tensor([row_labels + [-100] * (width - len(row_labels)) for row_labels in suffix_labels])
+    members = torch.tensor([group_index[int(rows[i])] for i in scored])
+    # Each pair continues its sample's cached prefix: the prefix's padding stays masked, the suffix is right-padded
+    # (causal attention: the padding after a pair's last token never reaches it).
+    attention_mask = torch.cat([prefix[1][members], torch.ones_like(input_ids)], dim=1)
+    position_ids = torch.tensor([[shared[int(rows[i])] + t for t in range(width)] for i in scored])
+    suffix_batch = EncodedBatch(input_ids, attention_mask, torch.zeros_like(input_ids, dtype=torch.bool), targets).to(device)
+    cache.batch_select_indices(members.to(device))
+    pair_rows = rows[scored].to(device)
+    pair_visual = (*(None if t is None else t[pair_rows] for t in visual[:2]), None)
+    with model._llm_inputs({}, suffix_batch, pair_visual) as embeds:
+        output = model.llm(
+            inputs_embeds=embeds, attention_mask=suffix_batch.attention_mask,
+            position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
+        )
+    # The logit for suffix token t comes from the token before it: the prefix's last one for t = 0.
+    logits = torch.cat([prefix_logits[members.to(device)].unsqueeze(1), output.logits[:, :-1]], dim=1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = suffix_batch.labels
+    token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    for i, score in zip(scored, (token_logprobs * (targets != -100)).sum(-1).tolist()):
+        scores[i] = score
+    return scores
+
+
+def common_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """Length of the longest common start of two id lists."""
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
+
+
+def left_padded(sequences: Sequence[Sequence[int | bool]], pad: int | bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, L] values, [N, L] attention mask) of lists left-padded to the longest."""
+    width = max(len(sequence) for sequence in sequences)
+    values = torch.tensor([[pad] * (width - len(sequence)) + list(sequence) for sequence in sequences])
+    mask = torch.tensor([[0] * (width - len(sequence)) + [1] * len(sequence) for sequence in sequences])
+    return values, mask
+
+
+def _first_member(rows: torch.Tensor, scored: Sequence[int], row: int) -> int:
+    return next(i for i in scored if int(rows[i]) == row)
 
 
 def preselect(model: AdemVL, samples: dict, answers: Sequence[str], count: int, prompt: str | None) -> list[list[str]]:
