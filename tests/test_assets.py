@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from lavis_ademvl.assets import (
 from lavis_ademvl.assets import smollm2 as smollm2_module
 from lavis_ademvl.assets.__main__ import main as assets_main
 from lavis_ademvl.assets._atomic import build_atomically
-from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, FAMILY_WEIGHTS, SHAPES, family_of
+from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, FAMILY_WEIGHTS, NEUTRAL_HINTS, SHAPES, family_of
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS
 
 SPLITS = ("train", "val", "test")
@@ -191,6 +193,21 @@ def test_scienceqa_question_mix(sqa_dir):
         families = [family_of(problems[pid]["choices"][problems[pid]["answer"]]) for pid in pids]
         for family, weight in FAMILY_WEIGHTS.items():
             assert abs(families.count(family) - weight * len(pids)) <= 1, (split, family, families.count(family))
+
+
+def test_scienceqa_yes_no_answers_are_not_told_by_the_wording(sqa_dir):
+    """Among the yes/no questions about a picture (image or descriptive hint), "yes" and "no" are equally frequent
+    for plain and for negated questions alike, so that a text-only model cannot answer them from their wording."""
+    problems, pid_splits = load_sqa(sqa_dir)
+    for split, pids in pid_splits.items():
+        cells = Counter()
+        for pid in pids:
+            problem = problems[pid]
+            answer = problem["choices"][problem["answer"]]
+            if answer in ("yes", "no") and (problem["image"] or problem["hint"] not in NEUTRAL_HINTS + ("",)):
+                cells[answer, bool({"not", "no"} & set(re.findall(r"[a-z]+", problem["question"].lower())))] += 1
+        for negated in (False, True):
+            assert cells["yes", negated] > 0 and abs(cells["yes", negated] - cells["no", negated]) <= 2, (split, cells)
 
 
 def test_scienceqa_is_deterministic(sqa_dir, tmp_path):

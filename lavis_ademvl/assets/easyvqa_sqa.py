@@ -12,13 +12,15 @@ column is populated in every split:
 - hint only (TXT): the question with no image, its hint describing the picture ("The shape in the picture
   is a red circle."), so the answer follows from the text alone;
 - neither (NO): a general-knowledge question about shapes and colours from a small fixed bank.
-Choices are the right answer plus distractors of the same family (colours, shapes or yes/no).
+Choices are the right answer plus distractors of the same family (colours, shapes or yes/no). Yes/no questions
+are picked so that "yes" and "no" are equally frequent among plain and among negated questions.
 The subject follows the family (colours: natural science, shapes: social science, yes/no: language
 science): an arbitrary mapping that only serves to fill the NAT/SOC/LAN columns. Grades are drawn so that
 both G1-6 and G7-12 occur in every split.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -32,7 +34,7 @@ from typing import Any
 from lavis_ademvl.assets._atomic import build_atomically
 
 PIP_HINT = "pip install easy-vqa==1.0"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 COLOURS = ("red", "green", "blue", "gray", "teal", "black", "yellow", "brown")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -107,6 +109,11 @@ class _Question:
     @property
     def family(self) -> str:
         return family_of(self.answer)
+
+    @property
+    def negated(self) -> bool:
+        """A negated yes/no question ("Is there not a red shape?")."""
+        return bool(set(re.findall(r"[a-z]+", self.question)) & {"not", "no"})
 
 
 def family_of(answer: str) -> str:
@@ -279,6 +286,9 @@ def _write_scienceqa(out_dir: Path, sizes: dict[str, int], seed: int) -> None:
         bands = _shuffled_slots(_allocate(sizes[split], {"1-6": 0.5, "7-12": 0.5}, ("1-6", "7-12")), rng)
         pid_splits[split] = []
         image_files: dict[str, str] = {}
+        cells = [(answer, negated) for answer in YES_NO for negated in (False, True)]
+        rng.shuffle(cells)
+        yes_no_cells = itertools.cycle(cells)
         for kind, family, band in zip(kinds, families, bands):
             if kind == "none":
                 text, answer, family = rng.choice([item for item in GENERAL_KNOWLEDGE if item[2] == family])
@@ -286,7 +296,13 @@ def _write_scienceqa(out_dir: Path, sizes: dict[str, int], seed: int) -> None:
             else:
                 # A descriptive hint needs an image whose colour and shape are both known.
                 usable = (lambda q: q.image_id in facts) if kind == "hint" else (lambda q: True)
-                source = _pop(pools[family], usable)
+                source = None
+                if family == "yes/no":
+                    # Yes and no in equal parts for plain and for negated questions, so that the wording alone
+                    # tells nothing (easy-VQA's own mix makes negated questions mostly "yes", plain ones "no").
+                    target = next(yes_no_cells)
+                    source = _pop(pools[family], lambda q, ok=usable, cell=target: ok(q) and (q.answer, q.negated) == cell)
+                source = source or _pop(pools[family], usable)
                 if source is None:
                     # This family ran out (large splits): take the family with the most questions left.
                     family = max(pools, key=lambda f: len(pools[f]))
