@@ -19,6 +19,7 @@ from lavis_ademvl.assets.demo_clip import (
     CAPTION_TEMPLATES,
     RECIPE,
     RECIPE_VERSION,
+    THREADS,
     VISION_CONFIG,
     caption_retrieval_accuracy,
     pixel_values,
@@ -117,6 +118,7 @@ def test_rebuild_is_bit_identical_and_cached_by_recipe(tmp_path):
     key = read_marker(first)  # a change to any of these makes a new build
     assert key["seed"] == 0 and key["recipe"] == {**RECIPE, "steps": 2} and key["recipe_version"] == RECIPE_VERSION
     assert key["vision_config"] == VISION_CONFIG and key["captions"] == list(CAPTION_TEMPLATES)
+    assert key["threads"] == THREADS  # kernels split their work by it: another count, other bytes
 
 
 def test_every_colour_shape_pair_is_needed():
