@@ -19,6 +19,7 @@ from lavis_ademvl.assets import (
     build_vqa_from_easyvqa,
     convert_smollm2,
     find_smollm2_gguf,
+    prepare_assets,
     read_marker,
 )
 from lavis_ademvl.assets import smollm2 as smollm2_module
@@ -219,6 +220,12 @@ def test_scienceqa_is_deterministic(sqa_dir, tmp_path):
     assert all((again / path).read_bytes() == (sqa_dir / path).read_bytes() for path in images)
     other = build_scienceqa_from_easyvqa(tmp_path / "other", **SIZES, seed=1)
     assert (other / "problems.json").read_bytes() != (sqa_dir / "problems.json").read_bytes()
+
+
+def test_prepare_assets_takes_the_cache_folder_as_a_string(tmp_path):
+    paths = prepare_assets(["scienceqa"], str(tmp_path / "cache"), {"num_train": 6, "num_val": 3, "num_test": 3})
+    assert paths == {"scienceqa": tmp_path / "cache" / "scienceqa_easyvqa"}
+    assert len(load_sqa(paths["scienceqa"])[1]["train"]) == 6
 
 
 def test_scienceqa_is_idempotent_and_rebuilds_on_new_sizes(tmp_path):

@@ -42,7 +42,7 @@ def default_cache_dir() -> Path:
 
 
 def prepare_assets(
-    names: Sequence[str], cache_dir: Path | None = None, sizes: Mapping[str, int] | None = None, seed: int = 0
+    names: Sequence[str], cache_dir: str | Path | None = None, sizes: Mapping[str, int] | None = None, seed: int = 0
 ) -> dict[str, Path]:
     """Build (or find already built) the named assets under `cache_dir/FOLDERS[name]`, in ASSETS order.
 
@@ -54,7 +54,7 @@ def prepare_assets(
     unknown = sorted(set(names) - set(ASSETS))
     if unknown:
         raise AssetError(f"unknown asset(s) {unknown}; choose from {list(ASSETS)}")
-    cache_dir = (cache_dir or default_cache_dir()).expanduser().absolute()
+    cache_dir = Path(cache_dir or default_cache_dir()).expanduser().absolute()
     sizes = dict(sizes or {"num_train": 2000, "num_val": 200, "num_test": 500})
     builders: dict[str, Callable[[Path], Path]] = {
         "smollm2": convert_smollm2,
