@@ -63,7 +63,8 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
     scores = [0.0] * len(sequences)  # a pair whose answer truncation cut away (truncation 'end') scores 0
     if not scored:
         return scores
-    # One prefix per sample: the ids all its pairs share, ending at or before its first answer token.
+    # One prefix per sample: the ids all its pairs share, ending at or before its first answer token. The image
+    # slots precede the prompt, so they are always in it: the suffixes need no slot embeddings.
     groups = sorted({int(rows[i]) for i in scored})
     shared: dict[int, int] = {}
     for row in groups:
@@ -75,8 +76,6 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
         if length < 1:
             raise ValueError("rank scoring needs at least one token (bos, image prompt or prompt) before the answers")
         shared[row] = length
-    if any(any(row_slots[shared[int(rows[i])] :]) for i, row_slots in enumerate(slots) if i in scored):
-        raise RuntimeError("image slots after the shared prompt: the prompt tokens differ between candidates")
     group_index = {row: g for g, row in enumerate(groups)}
     group_rows = torch.tensor(groups)
     device = model.device
