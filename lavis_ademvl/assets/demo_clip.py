@@ -11,8 +11,8 @@ load its vision tower with `CLIPVisionModel.from_pretrained(folder)` exactly as 
 tower stays available for retrieval. Real use names `openai/clip-vit-large-patch14`.
 
 Seeded and deterministic (fixed image order, caption choice, initialisation; deterministic kernels on a fixed
-number of threads): a rebuild with the same seed and recipe on the same kind of CPU writes the same bytes. The cache key holds the
-recipe, so a changed recipe rebuilds.
+number of threads): a rebuild with the same seed and recipe on the same kind of CPU writes the same bytes. The cache
+key holds the recipe and the thread count, so a change to either rebuilds.
 """
 from __future__ import annotations
 

@@ -112,8 +112,12 @@ class _Question:
 
     @property
     def negated(self) -> bool:
-        """A negated yes/no question ("Is there not a red shape?")."""
-        return bool(set(re.findall(r"[a-z]+", self.question)) & {"not", "no"})
+        return is_negated(self.question)
+
+
+def is_negated(question: str) -> bool:
+    """A negated yes/no question ("Is there not a red shape?", "Is no circle present?")."""
+    return bool(set(re.findall(r"[a-z]+", question.lower())) & {"not", "no"})
 
 
 def family_of(answer: str) -> str:
@@ -168,8 +172,7 @@ def _record_fact(fact: dict[str, set[str]], text: str, answer: str) -> None:
     words = set(re.findall(r"[a-z]+", text)) & (set(COLOURS) | set(SHAPES))
     if answer in YES_NO:
         # "is there (not|no) a red shape?": the named word is present iff (answer is yes) != negated.
-        negated = bool(set(re.findall(r"[a-z]+", text)) & {"not", "no"})
-        fact["present" if (answer == "yes") != negated else "absent"].update(words)
+        fact["present" if (answer == "yes") != is_negated(text) else "absent"].update(words)
     else:
         # "what color is the triangle?" -> blue: the answer and the named colour/shape are both present.
         fact["present"].update(words | {answer})

@@ -65,26 +65,26 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
         return scores
     # One prefix per sample: the ids all its pairs share, ending at or before its first answer token. The image
     # slots precede the prompt, so they are always in it: the suffixes need no slot embeddings.
-    groups = sorted({int(rows[i]) for i in scored})
+    sample_of = rows.tolist()
+    members: dict[int, list[int]] = {}
+    for i in scored:
+        members.setdefault(sample_of[i], []).append(i)
+    groups = sorted(members)
     shared: dict[int, int] = {}
     for row in groups:
-        members = [i for i in scored if int(rows[i]) == row]
-        first_label = min(next(t for t, label in enumerate(labels[i]) if label != -100) for i in members)
-        length = first_label
-        for i in members[1:]:
-            length = min(length, common_length(sequences[members[0]], sequences[i]))
+        first, *others = members[row]
+        length = min(next(t for t, label in enumerate(labels[i]) if label != -100) for i in members[row])
+        for i in others:
+            length = min(length, common_length(sequences[first], sequences[i]))
         if length < 1:
             raise ValueError("rank scoring needs at least one token (bos, image prompt or prompt) before the answers")
         shared[row] = length
-    group_index = {row: g for g, row in enumerate(groups)}
-    group_rows = torch.tensor(groups)
     device = model.device
 
-    prefix = left_padded([sequences[_first_member(rows, scored, row)][: shared[row]] for row in groups],
-                         model.tokenizer.pad_token_id)
-    prefix_slots = left_padded([slots[_first_member(rows, scored, row)][: shared[row]] for row in groups], False)
+    prefix = left_padded([sequences[members[row][0]][: shared[row]] for row in groups], model.tokenizer.pad_token_id)
+    prefix_slots = left_padded([slots[members[row][0]][: shared[row]] for row in groups], False)
     prefix_batch = EncodedBatch(prefix[0], prefix[1], prefix_slots[0].bool(), torch.full_like(prefix[0], -100)).to(device)
-    group_visual = tuple(None if t is None else t[group_rows.to(device)] for t in visual)
+    group_visual = tuple(None if t is None else t[torch.tensor(groups, device=device)] for t in visual)
     with model._llm_inputs({}, prefix_batch, group_visual) as embeds:
         output = model.llm(
             inputs_embeds=embeds, attention_mask=prefix_batch.attention_mask, position_ids=prefix_batch.position_ids,
@@ -92,19 +92,20 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
         )
     prefix_logits, cache = output.logits[:, -1], output.past_key_values
 
-    suffix_ids = [sequences[i][shared[int(rows[i])] :] for i in scored]
-    suffix_labels = [labels[i][shared[int(rows[i])] :] for i in scored]
+    starts = [shared[sample_of[i]] for i in scored]
+    suffix_ids = [sequences[i][start:] for i, start in zip(scored, starts)]
+    suffix_labels = [labels[i][start:] for i, start in zip(scored, starts)]
     width = max(len(ids) for ids in suffix_ids)
     pad_id = model.tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in suffix_ids])
     targets = torch.tensor([row_labels + [-100] * (width - len(row_labels)) for row_labels in suffix_labels])
-    members = torch.tensor([group_index[int(rows[i])] for i in scored])
+    group_of = torch.tensor([groups.index(sample_of[i]) for i in scored])
     # Each pair continues its sample's cached prefix: the prefix's padding stays masked, the suffix is right-padded
     # (causal attention: the padding after a pair's last token never reaches it).
-    attention_mask = torch.cat([prefix[1][members], torch.ones_like(input_ids)], dim=1)
-    position_ids = torch.tensor([[shared[int(rows[i])] + t for t in range(width)] for i in scored])
+    attention_mask = torch.cat([prefix[1][group_of], torch.ones_like(input_ids)], dim=1)
+    position_ids = torch.tensor([[start + t for t in range(width)] for start in starts])
     suffix_batch = EncodedBatch(input_ids, attention_mask, torch.zeros_like(input_ids, dtype=torch.bool), targets).to(device)
-    cache.batch_select_indices(members.to(device))
+    cache.batch_select_indices(group_of.to(device))
     pair_rows = rows[scored].to(device)
     pair_visual = (*(None if t is None else t[pair_rows] for t in visual[:2]), None)
     with model._llm_inputs({}, suffix_batch, pair_visual) as embeds:
@@ -113,7 +114,7 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
             position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
         )
     # The logit for suffix token t comes from the token before it: the prefix's last one for t = 0.
-    logits = torch.cat([prefix_logits[members.to(device)].unsqueeze(1), output.logits[:, :-1]], dim=1)
+    logits = torch.cat([prefix_logits[group_of.to(device)].unsqueeze(1), output.logits[:, :-1]], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = suffix_batch.labels
     token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -136,10 +137,6 @@ def left_padded(sequences: Sequence[Sequence[int | bool]], pad: int | bool) -> t
     values = torch.tensor([[pad] * (width - len(sequence)) + list(sequence) for sequence in sequences])
     mask = torch.tensor([[0] * (width - len(sequence)) + [1] * len(sequence) for sequence in sequences])
     return values, mask
-
-
-def _first_member(rows: torch.Tensor, scored: Sequence[int], row: int) -> int:
-    return next(i for i in scored if int(rows[i]) == row)
 
 
 def preselect(model: AdemVL, samples: dict, answers: Sequence[str], count: int, prompt: str | None) -> list[list[str]]:
