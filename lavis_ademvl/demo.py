@@ -24,10 +24,11 @@ from lavis_ademvl.assets.easyvqa_sqa import FAMILIES, family_of
 from lavis_ademvl.common.cli import RunFailed, entry_point, tool_parser, train_or_reuse
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.results import finished_job, result_records
+from lavis_ademvl.models.config import FUSION_NAMES
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, format_table
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = {"ADEM-VL": "adem", "text only (fusion: none)": "none"}
+RUNS = {FUSION_NAMES[fusion]: fusion for fusion in ("adem", "none")}
 ADEM, TEXT_ONLY = RUNS
 SETTINGS_FILE = "demo_settings.json"  # what a finished run was made with, to tell whether it can be reused
 NUM_VAL = 20

@@ -200,3 +200,29 @@ def test_captions_file_is_read_only_for_the_roles_that_use_it(sqa_root):
     assert set(datasets) == {"train", "val", "test"}
     with pytest.raises(FileNotFoundError, match=f"captions file not found: {sqa_root / 'captions.json'}"):
         build(sqa_root, build_info={"use_caption": {"train": False, "eval": True}})
+
+
+@pytest.mark.parametrize("model_options, label", [
+    ([], "ADEM-VL"),
+    (["model.fusion=none"], "text only (fusion: none)"),
+    (["model.fusion=prefix"], "prefix (LLaVA-style)"),
+])
+def test_logged_table_names_the_run_fusion(model_options, label, tmp_path, monkeypatch, caplog):
+    """The table a run logs after each evaluation is labelled by the model it evaluated (a text-only run's log
+    used to say ADEM-VL)."""
+    from argparse import Namespace
+
+    import lavis.tasks as tasks
+    from lavis.common.config import Config
+
+    cfg = Config(Namespace(cfg_path=str(TINY_SQA), options=model_options))
+    task = tasks.setup_task(cfg)
+    monkeypatch.setitem(registry.mapping["paths"], "result_dir", str(tmp_path))
+    monkeypatch.setitem(registry.mapping["paths"], "output_dir", str(tmp_path))
+    record = {"question_id": 1, "output": "A", "prediction": "A", "answer": "A", "subject": "natural science",
+              "grade": "grade3", "has_context": 0, "has_image": 1}
+    with caplog.at_level("INFO"):
+        metrics = task.after_evaluation([record], "test", 0)
+    assert metrics["IMG"] == 100.0
+    rows = [line for line in caplog.text.splitlines() if line.startswith("| ") and "NAT" not in line]
+    assert rows == [f"| {label} | 100.00 | - | - | - | 100.00 | - | 100.00 | - | 100.00 |"]

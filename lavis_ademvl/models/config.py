@@ -17,7 +17,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lavis_ademvl.common.validation import check_choice, check_fraction, check_known_keys, checked_number
 from lavis_ademvl.models.fusion import ACTIVATIONS, POOLINGS
 
-FUSIONS = ("adem", "prefix", "none")
+# Each fusion and the name its row takes in a Table I (logs, demo, benchmarks).
+FUSION_NAMES = {"adem": "ADEM-VL", "prefix": "prefix (LLaVA-style)", "none": "text only (fusion: none)"}
+FUSIONS = tuple(FUSION_NAMES)
 # Where, inside a decoder layer, the query is read and the fused feature is added (paper Table VII).
 QUERY_POINTS = ("attn_in", "mlp_in")
 ADD_POINTS = ("attn_out", "mlp_out")

@@ -11,6 +11,7 @@ from lavis.tasks.base_task import BaseTask
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.results import gathered_records, write_evaluation
 from lavis_ademvl.common.validation import check_choice
+from lavis_ademvl.models.config import FUSION_NAMES, FUSIONS
 
 INFERENCE_METHODS = ("generate", "rank")
 TABLE_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
@@ -99,6 +100,16 @@ def scienceqa_metrics(records: list[dict]) -> dict[str, Any]:
     return metrics
 
 
+def method_name(model_cfg: Any) -> str:
+    """The Table I row label of a run's model: ADEM-VL or the baseline its `fusion` names; another model's arch."""
+    arch = model_cfg.get("arch", "ademvl")
+    if arch != "ademvl":
+        return str(arch)
+    fusion = model_cfg.get("fusion", "adem")
+    check_choice("fusion", fusion, FUSIONS)
+    return FUSION_NAMES[fusion]
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """A markdown table, one row per named result, Table I's columns."""
     lines = ["| Method | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
@@ -110,14 +121,15 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 @register("task", "scienceqa_mc")
 class ScienceQAMCTask(BaseTask):
-    def __init__(self, inference_method: str = "generate") -> None:
+    def __init__(self, inference_method: str = "generate", method: str = "ADEM-VL") -> None:
         super().__init__()
         check_choice("run.inference_method", inference_method, INFERENCE_METHODS)
         self.inference_method = inference_method
+        self.method = method  # the row label of the logged table
 
     @classmethod
     def setup_task(cls, cfg: Any, **kwargs: Any) -> ScienceQAMCTask:
-        return cls(inference_method=cfg.run_cfg.get("inference_method", "generate"))
+        return cls(inference_method=cfg.run_cfg.get("inference_method", "generate"), method=method_name(cfg.model_cfg))
 
     def valid_step(self, model: Any, samples: dict) -> list[dict]:
         outputs, predictions = answer_questions(model, samples, self.inference_method)
@@ -140,6 +152,6 @@ class ScienceQAMCTask(BaseTask):
         if records is None:  # not the main process
             return None
         metrics = scienceqa_metrics(records)
-        logging.info("ScienceQA %s (%d questions):\n%s", split_name, len(records), format_table({"ADEM-VL": metrics}))
+        logging.info("ScienceQA %s (%d questions):\n%s", split_name, len(records), format_table({self.method: metrics}))
         write_evaluation(split_name, {**metrics, "epoch": epoch})
         return metrics
