@@ -71,12 +71,13 @@ def run_once(name: str, run_dir: Path, cfg_path: Path, options: list[str], setti
 # ------------------------------------------------------------------ what the results show
 
 
-def image_question_types(problems: dict[str, dict], pids: list[str]) -> dict[str, list[str]]:
-    """Test questions with an image, by answer family (colour, shape, yes/no), in pid order."""
+def question_types(problems: dict[str, dict], pids: list[str], with_image: bool) -> dict[str, list[str]]:
+    """Test questions by answer family (colour, shape, yes/no), in pid order: those with an image, or (with_image
+    False) those without one whose hint states the shape's colour and kind in words."""
     types: dict[str, list[str]] = {family: [] for family in FAMILIES}
     for pid in pids:
         problem = problems[pid]
-        if problem["image"] is not None:
+        if (problem["image"] is not None) if with_image else (problem["image"] is None and bool(problem["hint"])):
             types[family_of(problem["choices"][problem["answer"]])].append(pid)
     return types
 
@@ -116,9 +117,11 @@ def mean_and_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
 
 
-def print_type_table(by_type: dict[str, list[dict[str, float]]], types: dict[str, list[str]], seeds: list[int]) -> None:
+def print_type_table(
+    title: str, by_type: dict[str, list[dict[str, float]]], types: dict[str, list[str]], seeds: list[int]
+) -> None:
     over = f"mean ± sample sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    print(f"\nTest questions with an image, accuracy (%) by type ({over}):\n")
+    print(f"\n{title}, accuracy (%) by type ({over}):\n")
     print("| question type | questions | ADEM-VL | text only |")
     print("|---|---|---|---|")
     for family, pids in types.items():
@@ -203,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     image_dir = data_root / "images" / "test"
     problems = json.loads((data_root / "problems.json").read_text())
     test_pids = json.loads((data_root / "pid_splits.json").read_text())["test"]
-    types = image_question_types(problems, test_pids)
+    types = question_types(problems, test_pids, with_image=True)
+    # The same types answered from words alone: how far the frozen LLM itself gets with the facts it is told.
+    told_types = question_types(problems, test_pids, with_image=False)
     metrics: dict[str, list[dict]] = {name: [] for name in RUNS}
     by_type: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
+    by_told_type: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
     predictions: dict[tuple[int, str], dict[str, dict]] = {}
     jobs: dict[tuple[int, str], Path] = {}
     for (seed, name), run_dir in run_dirs.items():
@@ -213,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         predictions[seed, name] = {record["question_id"]: record for record in result_records(jobs[seed, name], run_metrics)}
         metrics[name].append(run_metrics)
         by_type[name].append(accuracy_by_type(types, predictions[seed, name]))
+        by_told_type[name].append(accuracy_by_type(told_types, predictions[seed, name]))
 
     first = seeds[0]
     examples = [pids[0] for pids in types.values() if pids][:3]
     print_examples(examples, problems, image_dir, {name: predictions[first, name] for name in RUNS})
-    print_type_table(by_type, types, seeds)
+    print_type_table("Test questions with an image", by_type, types, seeds)
+    print_type_table("Test questions without an image, whose hint describes the shape", by_told_type, told_types, seeds)
 
     # Drop maps of the first seed's ADEM-VL for the first two example images (redrawn when that run is new).
     map_dir = args.output_dir / f"seed{first}" / "drop_maps"

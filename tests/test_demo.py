@@ -3,6 +3,7 @@ SmolLM2 recipe itself is trained twice in test_assets.py): the same command prin
 adds the spread, a finished run is reused, and the output ends with Table I and the drop-map pictures."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from conftest import TEST_CLIP_STEPS
 
 from lavis_ademvl import demo
 from lavis_ademvl.assets.demo_clip import RECIPE
+from lavis_ademvl.assets.easyvqa_sqa import FAMILIES, family_of
+from lavis_ademvl.common.results import finished_job, result_records
 
 DEMO_CONFIG = REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml"
 
@@ -83,3 +86,20 @@ def test_demo_is_deterministic_reuses_runs_and_ends_with_table_and_pictures(
     assert "ADEM-VL: finished earlier, reused" in third and "training and evaluating" not in third
     assert len(job_dirs(out / "seed42" / "adem")) == 2
     assert section(third, "ScienceQA-format easy-VQA test set", "\nDrop maps") == table
+
+    # The per-type table of the questions told in words is what the run's own test results give.
+    problems = json.loads((asset_cache / "scienceqa_easyvqa" / "problems.json").read_text())
+    correct: dict[str, list[bool]] = {}
+    for name, fusion in demo.RUNS.items():
+        job, metrics = finished_job(out / "seed42" / fusion)
+        for record in result_records(job, metrics):
+            problem = problems[str(record["question_id"])]
+            if problem["image"] is None and problem["hint"]:
+                family = family_of(problem["choices"][problem["answer"]])
+                correct.setdefault(family, [[], []])[list(demo.RUNS).index(name)].append(
+                    record["prediction"] == record["answer"])
+    told = section(third, "Test questions without an image, whose hint", "\nIMG questions").strip().splitlines()[4:]
+    assert correct and told == [
+        f"| {family} | {len(runs[0])} | {100 * sum(runs[0]) / len(runs[0]):.2f} | {100 * sum(runs[1]) / len(runs[1]):.2f} |"
+        for family, runs in sorted(correct.items(), key=lambda item: list(FAMILIES).index(item[0]))
+    ]
