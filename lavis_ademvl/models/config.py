@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lavis_ademvl.common.validation import check_choice, check_fraction, check_known_keys, checked_number
 from lavis_ademvl.models.fusion import ACTIVATIONS, POOLINGS
 
-# Each fusion and the name its row takes in a Table I (logs, demo, benchmarks).
+# Each fusion and the name of its row in a Table I (the ScienceQA task's log, the demo).
 FUSION_NAMES = {"adem": "ADEM-VL", "prefix": "prefix (LLaVA-style)", "none": "text only (fusion: none)"}
 FUSIONS = tuple(FUSION_NAMES)
 # Where, inside a decoder layer, the query is read and the fused feature is added (paper Table VII).
