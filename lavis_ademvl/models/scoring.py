@@ -99,7 +99,8 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
     pad_id = model.tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in suffix_ids])
     targets = torch.tensor([row_labels + [-100] * (width - len(row_labels)) for row_labels in suffix_labels])
-    group_of = torch.tensor([groups.index(sample_of[i]) for i in scored])
+    group_index = {row: index for index, row in enumerate(groups)}
+    group_of = torch.tensor([group_index[sample_of[i]] for i in scored])
     # Each pair continues its sample's cached prefix: the prefix's padding stays masked, the suffix is right-padded
     # (causal attention: the padding after a pair's last token never reaches it).
     attention_mask = torch.cat([prefix[1][group_of], torch.ones_like(input_ids)], dim=1)
