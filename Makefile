@@ -2,13 +2,15 @@
 # make test:    install if needed, then run the test suite offline.
 # make lint:    install if needed, then check the code with ruff (rules in pyproject.toml).
 # make demo:    install if needed, then train and evaluate ADEM-VL and a text-only baseline offline on CPU.
+# make gpu-check: the GPU correctness checks on one CUDA GPU, under 10 minutes (benchmarks/gpu_check.py). It installs
+#               nothing (a GPU machine may have no network): it needs $(VENV) installed. Without a GPU: the CPU part.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lavis-ademvl-installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo gpu-check clean
 
 install: $(STAMP)
 
@@ -31,6 +33,9 @@ lint: install
 
 demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore $(PY) -m lavis_ademvl.demo
+
+gpu-check:
+	GPU_CHECK_PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf output build *.egg-info

@@ -29,7 +29,6 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from lavis_ademvl.models.ademvl import AdemVL, answer_loss
 from lavis_ademvl.models.config import AdemVLConfig
-from lavis_ademvl.models.processing import labelled_columns, last_columns
 
 
 @dataclass
@@ -78,15 +77,31 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def random_tower(build: Callable[[], torch.nn.Module], dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A tower of random weights in `dtype` on `device`. On the CPU it is built in float32 and cast; on any other
+    device it is built there, in `dtype`, from the start: LLaMA-7B in float32 on the host would take 28 GB."""
+    if device.type == "cpu":
+        return build().to(device, dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            return build()
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
 def build_variants(shape: Shape, device: torch.device) -> tuple[LlamaForCausalLM, dict[str, AdemVL]]:
     torch.manual_seed(0)
     tokenizer = word_tokenizer()
-    llm = LlamaForCausalLM(LlamaConfig(**shape.llm, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                       eos_token_id=tokenizer.eos_token_id)).to(device, shape.dtype)
+    llm_config = LlamaConfig(**shape.llm, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    llm = random_tower(lambda: LlamaForCausalLM(llm_config), shape.dtype, device)
     variants = {}
     for fusion in ("none", "adem", "prefix"):
         # One tower per variant: a tower's adapters are attached to it for good.
-        tower = CLIPVisionModel(CLIPVisionConfig(**shape.vision)).to(device, shape.dtype) if fusion != "none" else None
+        tower = (random_tower(lambda: CLIPVisionModel(CLIPVisionConfig(**shape.vision)), shape.dtype, device)
+                 if fusion != "none" else None)
         config = AdemVLConfig(fusion=fusion, down_sample_num=shape.down_sample_num)
         model = AdemVL(llm, tokenizer, tower, config, compute_dtype=shape.dtype)
         variants[fusion] = model.to(device).train()
@@ -110,13 +125,13 @@ def llm_step(llm: LlamaForCausalLM, variant: AdemVL, batch: dict) -> Callable[[]
     """The limit: the same tokens through the bare LLM, backward to the input embeddings; like the model, it
     projects to the vocabulary only the positions that predict a label."""
     encoded = variant.encode_batch(batch, with_answer=True)
-    keep = labelled_columns(encoded.labels) + 1
+    keep = encoded.labelled_columns + 1
 
     def step() -> None:
         embeds = llm.get_input_embeddings()(encoded.input_ids).detach().requires_grad_(True)
         with variant.autocast():
             logits = llm(inputs_embeds=embeds, attention_mask=encoded.attention_mask, position_ids=encoded.position_ids,
-                         use_cache=False, logits_to_keep=last_columns(embeds, keep)).logits
+                         use_cache=False, **variant.logits_to_keep(embeds, keep)).logits
         answer_loss(logits, encoded.labels).backward()
 
     return step

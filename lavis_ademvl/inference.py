@@ -25,7 +25,7 @@ from lavis_ademvl.common.cli import add_device_argument, tool_parser
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
-from lavis_ademvl.common.launch import warn_if_other_task
+from lavis_ademvl.common.launch import set_model_device, warn_if_other_task
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.datasets.datasets.instruct_datasets import instruction_prompt
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import check_problem, collate
@@ -90,15 +90,17 @@ def load_for_inference(
 ) -> tuple[AdemVL, Any, DictConfig]:
     """(model in eval mode on the device, evaluation image processor, merged config).
 
-    The random state is seeded as `lavis_ademvl.train`/`.evaluate` seed it before building the model, so a frozen
-    tower initialised at random (a `llm_config`/`vision_config` model) is the one the checkpoint was trained with."""
+    The model is built for `device` (its towers load there and compute in that device's dtype), and the random state
+    is seeded as `lavis_ademvl.train`/`.evaluate` seed it before building the model."""
     config = load_experiment(cfg_path, options or []).config
     if checkpoint is not None:  # instead of the config's own model.finetuned, if any
         config.model.load_finetuned, config.model.finetuned = True, checkpoint
     seed_everything(int(config.run.get("seed", 42)))
+    device = resolve_device(device)
+    set_model_device(config.model, device)
     model = AdemVL.from_config(config.model)
     warn_if_other_task(getattr(model, "checkpoint_task", None), config.run.get("task"), config.model.get("finetuned"))
-    model = model.to(torch.device(resolve_device(device))).eval()
+    model = model.to(torch.device(device)).eval()
     return model, eval_image_processor(config), config
 
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,6 +16,16 @@ from instruct_fixtures import make_all_data  # noqa: E402
 from scienceqa_fixture import make_scienceqa  # noqa: E402
 
 import lavis_ademvl  # noqa: E402,F401
+
+# A device-taking test runs on the CPU and, marked `cuda` (`pytest -m cuda`: the GPU cases only, as
+# `make gpu-check` runs them), on the GPU where there is one.
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def device(request) -> str:
+    """Module-scoped, so a module's own fixtures (a model built once) can take it too."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

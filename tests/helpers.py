@@ -21,14 +21,20 @@ def tiny_model(**overrides) -> AdemVL:
     return AdemVL.from_config(tiny_config(**overrides))
 
 
-def make_batch(batch: int = 4, has_image=None, seed: int = 0) -> dict:
-    """Multiple-choice style samples for the tiny model: half with an image unless `has_image` says otherwise."""
+def make_batch(batch: int = 4, has_image=None, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """Multiple-choice style samples for the tiny model: half with an image unless `has_image` says otherwise. The
+    values are drawn on the CPU whatever `device` is, so every device sees the same batch."""
     generator = torch.Generator().manual_seed(seed)
     has_image = torch.tensor(has_image if has_image is not None else [1, 0] * (batch // 2))
-    return {
+    return to_device({
         "image": torch.randn(batch, 3, 32, 32, generator=generator),
         "has_image": has_image,
         "text_input": [f"Question: what is shown in picture {i}?\nOptions: (A) x (B) y\n" for i in range(batch)],
         "answer_cue": "Answer: The answer is",
         "text_output": [" A." if i % 2 else " B." for i in range(batch)],
-    }
+    }, device)
+
+
+def to_device(batch: dict, device: str | torch.device) -> dict:
+    """The batch with its tensors on `device`, as LAVIS's runner moves every batch before the model sees it."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from benchmarks import fusion_speed
 
 
@@ -20,3 +22,15 @@ def test_fusion_speed_tiny(tmp_path, capsys):
     flops = result["flops_one_token_at_256"]
     assert flops["none"] < flops["adem"] < flops["prefix"]
     assert "| adem |" in capsys.readouterr().out and (tmp_path / "fusion_speed_tiny_cpu.md").is_file()
+
+
+def test_llama7b_towers_are_built_where_they_run_in_bfloat16():
+    """Off the CPU the LLaMA-7B shape is built on its device in bfloat16 from the start, never as 28 GB of float32 on
+    the host: on the meta device (no memory at all) every frozen weight is a bfloat16 meta tensor, the trainable ones
+    stay float32, and the default dtype is restored."""
+    llm, variants = fusion_speed.build_variants(fusion_speed.SHAPES["llama7b"], torch.device("meta"))
+    frozen = [llm, *(model.vision_tower for model in variants.values() if model.vision_tower is not None)]
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for tower in frozen for p in tower.parameters())
+    assert sum(p.numel() for p in llm.parameters()) > 6.7e9
+    assert all(p.dtype == torch.float32 for p in variants["adem"].parameters() if p.requires_grad)
+    assert torch.get_default_dtype() == torch.float32

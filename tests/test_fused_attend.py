@@ -9,12 +9,11 @@ from lavis_ademvl.models.fusion import ACTIVATIONS, activate, attend, fused_atte
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("gamma", [0.0, 0.1, 0.5, 0.9])
-def test_fused_equals_reference(activation, gamma):
-    generator = torch.Generator().manual_seed(11)
-    query = torch.randn(2, 5, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    raw_keys = torch.randn(2, 20, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(2, 20, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(2, 5, 16, generator=generator, dtype=torch.float64)
+def test_fused_equals_reference(activation, gamma, device):
+    generator = torch.Generator().manual_seed(11)  # drawn on the CPU, so every device gets the same numbers
+    query, raw_keys, values = (torch.randn(*shape, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
+                               for shape in ((2, 5, 16), (2, 20, 16), (2, 20, 16)))
+    upstream = torch.randn(2, 5, 16, generator=generator, dtype=torch.float64).to(device)
     results = []
     for function in (lambda q, k, v: attend(activate(q, activation), k, v, gamma),
                      lambda q, k, v: fused_attend(q, k, v, gamma, activation)):
@@ -27,23 +26,22 @@ def test_fused_equals_reference(activation, gamma):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_float32_tolerance_and_gradcheck():
+def test_fused_float32_tolerance_and_gradcheck(device):
     torch.manual_seed(0)
-    query = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
-    keys = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    query, keys, values = (torch.randn(*shape, dtype=torch.float64).to(device).requires_grad_(True)
+                           for shape in ((1, 3, 8), (1, 6, 8), (1, 6, 8)))
     assert torch.autograd.gradcheck(lambda q, k, v: fused_attend(q, k, v, 0.3, "silu"), (query, keys, values))
     q32, k32, v32 = (t.detach().float() for t in (query, keys, values))
     torch.testing.assert_close(fused_attend(q32, k32, v32, 0.3, "silu"), attend(activate(q32, "silu"), k32, v32, 0.3))
 
 
 @pytest.mark.parametrize("needs", [(False, False, True), (False, True, False), (True, False, False), (False, True, True)])
-def test_fused_gradients_when_only_some_inputs_need_them(needs):
+def test_fused_gradients_when_only_some_inputs_need_them(needs, device):
     generator = torch.Generator().manual_seed(3)
-    tensors = [torch.randn(2, 4, 8, generator=generator, dtype=torch.float64)] + [
-        torch.randn(2, 10, 8, generator=generator, dtype=torch.float64) for _ in range(2)
+    tensors = [torch.randn(2, 4, 8, generator=generator, dtype=torch.float64).to(device)] + [
+        torch.randn(2, 10, 8, generator=generator, dtype=torch.float64).to(device) for _ in range(2)
     ]
-    upstream = torch.randn(2, 4, 8, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(2, 4, 8, generator=generator, dtype=torch.float64).to(device)
     grads = []
     for function in (lambda q, k, v: attend(activate(q, "silu"), k, v, 0.2),
                      lambda q, k, v: fused_attend(q, k, v, 0.2, "silu")):
@@ -54,11 +52,11 @@ def test_fused_gradients_when_only_some_inputs_need_them(needs):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_runs_in_the_query_dtype_and_returns_gradients_in_the_inputs_dtypes():
+def test_fused_runs_in_the_query_dtype_and_returns_gradients_in_the_inputs_dtypes(device):
     generator = torch.Generator().manual_seed(5)
-    query = torch.randn(2, 4, 8, generator=generator).bfloat16().requires_grad_(True)
-    keys = torch.randn(2, 10, 8, generator=generator, requires_grad=True)
-    values = torch.randn(2, 10, 8, generator=generator, requires_grad=True)
+    query = torch.randn(2, 4, 8, generator=generator).bfloat16().to(device).requires_grad_(True)
+    keys = torch.randn(2, 10, 8, generator=generator).to(device).requires_grad_(True)
+    values = torch.randn(2, 10, 8, generator=generator).to(device).requires_grad_(True)
     out = fused_attend(query, keys, values, 0.2, "silu")
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()

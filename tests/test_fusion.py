@@ -46,21 +46,21 @@ def literal_cross_attention(query, keys, values, gamma, activation):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("gamma", [0.0, 0.1, 0.5, 0.9])
-def test_matches_literal_math(activation, gamma):
+def test_matches_literal_math(activation, gamma, device):
     generator = torch.Generator().manual_seed(7)
     query = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
     keys = torch.randn(2, 10, 6, generator=generator, dtype=torch.float64)
     values = torch.randn(2, 10, 6, generator=generator, dtype=torch.float64)
-    got = adaptive_cross_attention(query, keys, values, gamma, activation)
+    got = adaptive_cross_attention(query.to(device), keys.to(device), values.to(device), gamma, activation)
     want = literal_cross_attention(query, keys, values, gamma, activation)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9)
 
 
-def test_ties_at_threshold_are_kept():
+def test_ties_at_threshold_are_kept(device):
     # activation none, query 1: the scores are the keys' first coordinates [1, 2, 2, 2, 3].
-    query = torch.tensor([[[1.0, 0.0]]])
-    keys = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [3.0, 0.0]]])
-    values = torch.arange(1.0, 6.0).view(1, 5, 1).expand(1, 5, 2).contiguous()
+    query = torch.tensor([[[1.0, 0.0]]], device=device)
+    keys = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [3.0, 0.0]]], device=device)
+    values = torch.arange(1.0, 6.0, device=device).view(1, 5, 1).expand(1, 5, 2).contiguous()
     # gamma 0.4: threshold = 3rd smallest = 2, so only the 1 is dropped and all three 2s are kept.
     got = adaptive_cross_attention(query, keys, values, 0.4, "none")
     kept = 2 * 2 + 2 * 3 + 2 * 4 + 3 * 5
@@ -71,10 +71,10 @@ def test_ties_at_threshold_are_kept():
     assert adaptive_cross_attention(query, keys, values, 0.0, "none")[0, 0, 0].item() == kept + 1
 
 
-def test_gradients_reach_query_keys_values():
-    query = torch.randn(1, 4, 8, requires_grad=True)
-    keys = torch.randn(1, 5, 8, requires_grad=True)
-    values = torch.randn(1, 5, 8, requires_grad=True)
+def test_gradients_reach_query_keys_values(device):
+    query = torch.randn(1, 4, 8, requires_grad=True, device=device)
+    keys = torch.randn(1, 5, 8, requires_grad=True, device=device)
+    values = torch.randn(1, 5, 8, requires_grad=True, device=device)
     adaptive_cross_attention(query, keys, values, 0.2).sum().backward()
     for tensor in (query, keys, values):
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
@@ -95,8 +95,8 @@ def test_bad_options_are_named(kwargs, message):
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
-def test_multiscale_pool_matches_blocks(pooling):
-    patches = torch.randn(2, 16, 3)  # 4 x 4 grid, row-major
+def test_multiscale_pool_matches_blocks(pooling, device):
+    patches = torch.randn(2, 16, 3, device=device)  # 4 x 4 grid, row-major
     pooled = multiscale_pool(patches, [16, 4, 1], pooling)
     assert pooled.shape == (2, 21, 3)
     torch.testing.assert_close(pooled[:, :16], patches)

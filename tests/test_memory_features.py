@@ -16,18 +16,18 @@ from helpers import make_batch, tiny_config, tiny_model
         ("vision", {}, 0.5),
     ],
 )
-def test_checkpointing_matches_plain_backward(tower, placement, adapter_dropout):
+def test_checkpointing_matches_plain_backward(tower, placement, adapter_dropout, device):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = tiny_model(**{f"{tower}_gradient_checkpointing": checkpointing}, adapter_dropout=adapter_dropout,
-                           **placement)
+                           **placement).to(device)
         model.train()
         with torch.no_grad():
             for adapter in model.vision_adapters:
                 adapter.fc2.weight.normal_(0, 0.1)
         torch.manual_seed(1)
-        loss = model(make_batch())["loss"]
+        loss = model(make_batch(device=device))["loss"]
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
         checkpointed = model.llm if tower == "llm" else model.vision_tower
@@ -52,16 +52,17 @@ def test_unknown_quantization_is_named():
         tiny_model(llm_quantization="3bit")
 
 
-def test_device_map_keeps_the_llm_in_place(tmp_path):
-    """`llm_device_map` loads through accelerate's dispatch; `place` moves only our modules (CPU-only here)."""
+def test_device_map_keeps_the_llm_in_place(tmp_path, device):
+    """`llm_device_map` loads through accelerate's dispatch; `to` moves only our modules."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(**tiny_config()["llm_config"])).save_pretrained(tmp_path / "llm")
-    model = tiny_model(llm_model=str(tmp_path / "llm"), llm_config=None, llm_device_map={"": "cpu"})
-    assert model.llm_dispatched and model.llm.hf_device_map == {"": "cpu"}
-    assert model.place("cpu") is model
+    device_map = {"": "cpu" if device == "cpu" else 0}  # GPU 0, as a Hugging Face device map names it
+    model = tiny_model(llm_model=str(tmp_path / "llm"), llm_config=None, llm_device_map=device_map)
+    assert model.llm_dispatched and model.llm.hf_device_map == device_map
+    assert model.to(device) is model
     model.train()
-    loss = model(make_batch())["loss"]
+    loss = model(make_batch(device=device))["loss"]
     loss.backward()
     assert model.visual_value_offset.grad is not None and torch.isfinite(loss)
     assert not tiny_model().llm_dispatched

@@ -36,14 +36,14 @@ def test_trainable_parameters_are_exactly_the_design_groups():
     assert counts["total"] > counts["trainable"]
 
 
-def test_gradients_reach_trainable_parameters_only():
-    model = tiny_model()
+def test_gradients_reach_trainable_parameters_only(device):
+    model = tiny_model().to(device)
     model.train()
     # fc2 starts at zero, so fc1 only gets a gradient once fc2 moved: move it first.
     with torch.no_grad():
         for adapter in model.vision_adapters:
             adapter.fc2.weight.normal_(0, 0.1)
-    model(make_batch())["loss"].backward()
+    model(make_batch(device=device))["loss"].backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -51,12 +51,12 @@ def test_gradients_reach_trainable_parameters_only():
             assert p.grad is None, name
 
 
-def test_loss_decreases_on_a_fixed_batch():
+def test_loss_decreases_on_a_fixed_batch(device):
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model().to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = make_batch()
+    batch = make_batch(device=device)
     losses = []
     for _ in range(12):
         loss = model(batch)["loss"]
@@ -67,10 +67,10 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_loss_and_scores_equal_those_of_full_logits():
+def test_loss_and_scores_equal_those_of_full_logits(device):
     """Logits are computed for the labelled columns only; loss and candidate scores must not change."""
-    model = tiny_model().eval()
-    batch = dict(make_batch(), text_output=[" A.", " a much longer answer.", " B", " yes, C."])
+    model = tiny_model().to(device).eval()
+    batch = dict(make_batch(device=device), text_output=[" A.", " a much longer answer.", " B", " yes, C."])
     full_logits = []
     handle = model.llm.register_forward_hook(lambda module, args, output: full_logits.append(output.logits))
     try:
@@ -124,12 +124,12 @@ def full_sequence_scores(model, samples: dict, answer_list: list[list[str]]) -> 
     ids=["adem", "none", "prefix", "visual-input-tokens", "prompt-cut-in-the-middle", "answers-cut-at-the-end"],
 )
 @pytest.mark.parametrize("rows_per_pass", [64, 3])
-def test_candidate_scores_equal_each_pair_scored_alone(overrides, rows_per_pass):
+def test_candidate_scores_equal_each_pair_scored_alone(overrides, rows_per_pass, device):
     """Rank scoring runs each sample's shared prompt once (KV cache) and then its candidates; the scores must be those
     of every pair run whole and alone, for candidates of different lengths and counts, with and without an image,
     when truncation cuts the prompt differently for long answers, and when it cuts answers away."""
-    model = tiny_model(**overrides).eval()
-    batch = make_batch(batch=4, has_image=[1, 0, 1, 1])
+    model = tiny_model(**overrides).to(device).eval()
+    batch = make_batch(batch=4, has_image=[1, 0, 1, 1], device=device)
     answer_list = [
         [" A.", " B, because the picture shows it clearly.", " yes"],
         [" C."],
@@ -169,21 +169,21 @@ def test_cpu_dtype_auto_follows_the_cpu_flags(tmp_path):
     assert tiny_model(cpu_dtype="auto").llm.dtype == expected
 
 
-def test_samples_without_images_ignore_their_placeholder():
-    model = tiny_model().eval()
-    batch = make_batch(has_image=[0, 0, 0, 0])
+def test_samples_without_images_ignore_their_placeholder(device):
+    model = tiny_model().to(device).eval()
+    batch = make_batch(has_image=[0, 0, 0, 0], device=device)
     loss = model(batch)["loss"]
     assert torch.isfinite(loss)
-    other = dict(batch, image=torch.randn(4, 3, 32, 32))
+    other = dict(batch, image=torch.randn(4, 3, 32, 32, device=device))
     torch.testing.assert_close(model(other)["loss"], loss)
     # With an image the same question sees it.
-    with_image = dict(batch, has_image=torch.ones(4, dtype=torch.long))
+    with_image = dict(batch, has_image=torch.ones(4, dtype=torch.long, device=device))
     assert not torch.allclose(model(with_image)["loss"], model(dict(with_image, image=other["image"]))["loss"])
 
 
-def test_decoder_layer_adds_the_reference_fusion():
-    model = tiny_model(alpha=0.7, drop_ratio=0.25).eval()
-    batch = make_batch(2, has_image=[1, 0])
+def test_decoder_layer_adds_the_reference_fusion(device):
+    model = tiny_model(alpha=0.7, drop_ratio=0.25).to(device).eval()
+    batch = make_batch(2, has_image=[1, 0], device=device)
     captured = []
     layer = model.llm.model.layers[1]
     handle = layer.mlp.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
@@ -195,7 +195,7 @@ def test_decoder_layer_adds_the_reference_fusion():
     with torch.no_grad():
         features = vision_features(model.vision_tower, batch["image"])
         pooled = multiscale_pool(features[:, 1:], [16, 4])
-        x_v = 0.01 * model.visual_proj(pooled) * torch.tensor([1.0, 0.0]).view(2, 1, 1)
+        x_v = 0.01 * model.visual_proj(pooled) * torch.tensor([1.0, 0.0], device=device).view(2, 1, 1)
         reference = type(layer.mlp).forward(layer.mlp, mlp_in) + 0.7 * adaptive_cross_attention(
             mlp_in, x_v + model.visual_key_offset, x_v + model.visual_value_offset, 0.25, "silu"
         )
@@ -264,10 +264,10 @@ def test_truncation_end_keeps_room_for_the_new_tokens():
         {"fusion": "none"},
     ],
 )
-def test_options_train_end_to_end(overrides):
-    model = tiny_model(**overrides)
+def test_options_train_end_to_end(overrides, device):
+    model = tiny_model(**overrides).to(device)
     model.train()
-    loss = model(make_batch())["loss"]
+    loss = model(make_batch(device=device))["loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -300,9 +300,9 @@ def test_bad_config_is_named(overrides, error, message):
         tiny_model(**overrides)
 
 
-def test_predict_answers_generate_and_rank():
-    model = tiny_model().eval()
-    batch = make_batch()
+def test_predict_answers_generate_and_rank(device):
+    model = tiny_model().to(device).eval()
+    batch = make_batch(device=device)
     generated = model.predict_answers(batch, inference_method="generate", max_len=3)
     assert len(generated) == 4 and all(isinstance(text, str) for text in generated)
     candidates = [[" A.", " B.", " C."], [" A.", " B."], [" B.", " C.", " D.", " E."], [" C.", " A."]]
@@ -319,9 +319,9 @@ def test_predict_answers_generate_and_rank():
         assert answer == candidates[row][max(range(len(scores)), key=scores.__getitem__)]
 
 
-def test_greedy_generation_first_token_matches_next_token_argmax():
-    model = tiny_model().eval()
-    batch = make_batch()
+def test_greedy_generation_first_token_matches_next_token_argmax(device):
+    model = tiny_model().to(device).eval()
+    batch = make_batch(device=device)
     first = model.predict_answers(batch, inference_method="generate", max_len=1)
     argmax = model.next_token_logprobs(batch).argmax(-1)
     assert first == [model.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in argmax]

@@ -66,6 +66,12 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(sqa_root, tmp_path):
         torch.testing.assert_close(initial[key], rank0[key], rtol=0, atol=0, msg=key)
     # Training moved the weights: the zero-initialised value offset is no longer zero.
     assert rank0["visual_value_offset"].abs().sum() > 0
+    # DDP owned the trainable parameters only; the frozen towers, which it no longer broadcasts, are equal on both ranks.
+    ddp0, ddp1 = (torch.load(tmp_path / f"rank{rank}_ddp.pt", weights_only=True) for rank in (0, 1))
+    assert ddp0["owned"] == ddp1["owned"] == sorted(rank0)
+    assert ddp0["frozen"].keys() == ddp1["frozen"].keys() and len(ddp0["frozen"]) > 0
+    for key, value in ddp0["frozen"].items():
+        torch.testing.assert_close(ddp1["frozen"][key], value, rtol=0, atol=0, msg=key)
     (job,) = job_dirs(tmp_path / "out")
     split, evaluation = read_evaluations(job / "evaluate.txt")[-1]
     assert split == "test" and evaluation["counts"]["Avg"] == 8  # padded duplicates of the distributed sampler are removed

@@ -62,6 +62,7 @@ def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = (), ev
     if evaluating or run_cfg.evaluate:
         built_checkpoint(cfg)
     init_distributed(run_cfg)
+    set_model_device(cfg.model_cfg, run_cfg.device, run_cfg.gpu)
     seed_everything(int(run_cfg.get("seed", 42)) + get_rank())
     cudnn.benchmark = False
     cudnn.deterministic = True
@@ -82,8 +83,27 @@ def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = (), ev
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(unreadable_annotation(cfg.datasets_cfg) or f"a dataset file is not UTF-8 JSON: {error}") from error
     model = task.build_model(cfg)
+    uneven = model.uneven_scales() if hasattr(model, "uneven_scales") else []
+    if uneven and run_cfg.get("deterministic", False) and run_cfg.device == "cuda":
+        raise ValueError(f"run.deterministic: true on CUDA, but the pooled token counts {uneven} (model.down_sample_num, "
+                         "model.num_visual_input_tokens) do not divide the patch grid: adaptive pooling has no "
+                         "deterministic CUDA backward. Choose counts whose side divides the grid's, e.g. 256, 64, 16")
     warn_if_other_task(getattr(model, "checkpoint_task", None), run_cfg.get("task"), cfg.model_cfg.get("finetuned"))
     return Experiment(cfg, task, datasets, model, job_id)
+
+
+def set_model_device(model_cfg: DictConfig, device: str, gpu: int = 0) -> None:
+    """An ADEM-VL model loads its towers straight onto the run's device (this rank's GPU), and its compute dtype
+    follows that device: `model.device`, when the config does not set it; a setting of another kind is an error."""
+    if model_cfg.get("arch") != "ademvl":
+        return
+    run_device = f"cuda:{gpu}" if device == "cuda" else device
+    chosen = model_cfg.get("device")
+    if chosen in (None, "auto"):
+        model_cfg.device = run_device
+    elif str(chosen).split(":")[0] != device:
+        raise ValueError(f"model.device={chosen!r} but run.device is {device!r}: the model would be built for one "
+                         f"device and run on the other; leave model.device unset")
 
 
 def warn_if_other_task(checkpoint_task: str | None, task: str | None, checkpoint: str | None) -> None:

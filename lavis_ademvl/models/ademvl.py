@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,16 @@ from lavis_ademvl.models.config import AdemVLConfig
 from lavis_ademvl.models.fusion import activate, check_scales, multiscale_pool
 from lavis_ademvl.models.memory import VisualMemory, decoder_layers
 from lavis_ademvl.models.modules import LowRankProjection, VisionAdapters
-from lavis_ademvl.models.processing import EncodedBatch, PromptEncoder, image_flags, labelled_columns, last_columns
-from lavis_ademvl.models.towers import freeze_llm, freeze_vision_tower, load_towers, meta_towers, num_patches, vision_features
+from lavis_ademvl.models.processing import EncodedBatch, PromptEncoder, image_flags, last_columns
+from lavis_ademvl.models.towers import (
+    freeze_llm,
+    freeze_vision_tower,
+    load_towers,
+    meta_towers,
+    model_device,
+    num_patches,
+    vision_features,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models" / "ademvl"
 # What a forward pass computes once from the images: (activated keys [B,Nv,d], values [B,Nv,d], slot embeddings
@@ -52,6 +61,10 @@ class AdemVL(BaseModel):
     Samples: `image` [B,3,H,W], `has_image` [B] (0/1), `text_input` (prompt), optional `answer_cue` (e.g. "Answer: The
     answer is") and, for training, `text_output`; see `AdemVLConfig.truncation` for what is cut from a long sequence.
     """
+
+    # Sample fields read on the host (the image flags decide the token layout; VQA answer weights pick the target): a
+    # runner leaves them there, as reading them back from a GPU would wait for it every step.
+    host_inputs = frozenset({"has_image", "n_answers", "weight"})
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         "llama7b": str(CONFIG_DIR / "llama7b.yaml"),
@@ -137,7 +150,7 @@ class AdemVL(BaseModel):
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> AdemVL:
         config = AdemVLConfig.from_dict(cfg)  # validates every key first
-        llm, tokenizer, vision_tower, dtype = load_towers(config)
+        llm, tokenizer, vision_tower, dtype = load_towers(config, model_device(config))
         model = cls(llm, tokenizer, vision_tower, config, compute_dtype=dtype)
         if config.load_finetuned:
             if not config.finetuned:
@@ -161,19 +174,39 @@ class AdemVL(BaseModel):
 
     @property
     def llm_dispatched(self) -> bool:
-        """True when the frozen LLM was placed by `llm_device_map` (or quantized) and must not be moved."""
-        return getattr(self.llm, "hf_device_map", None) is not None
+        """True when the frozen LLM was placed at load, over several devices (`llm_device_map`) or quantized
+        (bitsandbytes weights cannot move): moving the model leaves it where it is."""
+        return self.config.llm_device_map is not None or self.config.llm_quantization is not None
 
-    def place(self, device: torch.device | str) -> AdemVL:
-        """Move the model to `device`; a dispatched LLM stays where it was placed, only our modules move."""
+    @property
+    def llm_spans_devices(self) -> bool:
+        """True when `llm_device_map` spreads the LLM over devices: its layers, and its logits, live on several."""
+        return self.config.llm_device_map is not None
+
+    def to(self, *args: Any, **kwargs: Any) -> AdemVL:
+        """`nn.Module.to`, except that a dispatched LLM (`llm_dispatched`) stays where it was placed: accelerate's hooks
+        route each layer's inputs to the device the layer was placed on, and `nn.Module.to` would move every layer to
+        one device under them. Our own modules move."""
         if not self.llm_dispatched:
-            return self.to(device)
-        for name, module in self.named_children():
-            if name != "llm":
-                module.to(device)
-        for parameter in self.parameters(recurse=False):
-            parameter.data = parameter.data.to(device)
+            return super().to(*args, **kwargs)
+        children = self._modules
+        self._modules = {name: module for name, module in children.items() if name != "llm"}
+        try:
+            super().to(*args, **kwargs)
+        finally:
+            self._modules = children
         return self
+
+    def uneven_scales(self) -> list[int]:
+        """The pooled token counts (`down_sample_num`, `num_visual_input_tokens`) whose side does not divide the patch
+        grid's: pooled adaptively, whose backward has no deterministic CUDA kernel."""
+        if self.vision_tower is None or self.config.fusion != "adem":
+            return []
+        grid = math.isqrt(num_patches(self.vision_tower))
+        scales = list(self.config.down_sample_num)
+        if self.config.num_visual_input_tokens:
+            scales.append(self.config.num_visual_input_tokens)
+        return [size for size in scales if grid % math.isqrt(size)]
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, each hooked by the visual memory."""
@@ -299,7 +332,7 @@ class AdemVL(BaseModel):
         sample during generation."""
         with self.autocast():
             if visual is None:
-                has_image = image_flags(samples, encoded.input_ids.shape[0]).to(self.device)
+                has_image = image_flags(samples, encoded.input_ids.shape[0]).to(self.device, non_blocking=True)
                 visual = self.visual_inputs(samples.get("image"), has_image)
             keys, values, slots = visual
             embeds = self._input_embeddings(encoded, slots)
@@ -309,7 +342,8 @@ class AdemVL(BaseModel):
             # With gradient checkpointing, backward recomputes the layers (and runs the hooks) after this block has
             # closed, so the memory stays until the next forward replaces it.
             keep = self.config.llm_gradient_checkpointing and self.training
-            with self.fusion_memory.holding(keys, values, expand, keep=keep):
+            real = encoded.attention_mask.bool() if encoded.padded else None  # padding contributes nothing
+            with self.fusion_memory.holding(keys, values, expand, keep=keep, real_tokens=real):
                 yield embeds
 
     # ------------------------------------------------------------------ forward and inference
@@ -323,7 +357,7 @@ class AdemVL(BaseModel):
         encoded = self.encode_batch(samples, with_answer, prompt)
         # Left padding puts every label in the last columns, and only those positions need the vocabulary projection:
         # at SmolLM2's 49k vocabulary, logits for every position cost a fifth of a step.
-        keep = labelled_columns(encoded.labels) + 1 if with_answer else 1
+        keep = encoded.labelled_columns + 1 if with_answer else 1
         with self._llm_inputs(samples, encoded, visual) as embeds:
             output = self.llm(
                 inputs_embeds=embeds,
@@ -336,8 +370,12 @@ class AdemVL(BaseModel):
 
     def logits_to_keep(self, embeds: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
         """The LLM's keyword asking for the logits of the last `count` positions only (none where the LLM has no
-        such option: it then returns every position's)."""
-        return {"logits_to_keep": last_columns(embeds, count)} if self._llm_keeps_logits else {}
+        such option: it then returns every position's). The index lives on the device of the hidden states it indexes:
+        the LLM's own, or the CPU when the LLM spans devices (a CPU index indexes a tensor on any device)."""
+        if not self._llm_keeps_logits:
+            return {}
+        device = None if self.llm_spans_devices else embeds.device
+        return {"logits_to_keep": last_columns(embeds.shape[1], count, device)}
 
     def generate_token_ids(self, samples: dict, prompt: str | None = None, expand: int = 1, **options: Any) -> torch.Tensor:
         """Hugging Face generation after each sample's prompt, `expand` rows per sample: the new token ids."""
@@ -442,5 +480,6 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (DDP needs each one to receive a gradient)."""
     if logits.shape[1] == 1:
         return logits.sum() * 0.0
-    targets = labels[:, labels.shape[1] + 1 - logits.shape[1] :]
+    # The logits live on the LLM head's device, which a device map may put elsewhere than the labels.
+    targets = labels[:, labels.shape[1] + 1 - logits.shape[1] :].to(logits.device, non_blocking=True)
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -8,6 +8,7 @@ used as `config.<name>`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,11 @@ class AdemVLConfig:
     llm_quantization: str | None = option(None, "`8bit`/`4bit` loading of the LLM (bitsandbytes, CUDA)", QUANTIZATIONS)
     llm_device_map: str | dict | None = option(
         None, "place the frozen LLM over several GPUs in one process (`auto` or a Hugging Face device map)"
+    )
+    device: str | None = option(
+        None,
+        "where the frozen towers are loaded and compute (`cpu`, `cuda`, `cuda:N`, `auto`); null: the run's `run.device` "
+        "(set by `lavis.train`/`lavis.evaluate`), else `auto` (CUDA when available)",
     )
     llm_gradient_checkpointing: bool = option(False, "activation checkpointing of the LLM (non-reentrant)")
     vision_gradient_checkpointing: bool = option(False, "activation checkpointing of the CLIP tower's blocks")
@@ -132,6 +138,8 @@ class AdemVLConfig:
             elif config_field.type in _NUMBERS:  # "int | None" fields are not numbers that must be set
                 kind, minimum = _NUMBERS[config_field.type], config_field.metadata["minimum"]
                 setattr(self, config_field.name, checked_number(config_field.name, value, kind, minimum))
+        if self.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device={self.device!r}: use cpu, cuda, cuda:N or auto (or null: the run's device)")
         check_fraction("drop_ratio", self.drop_ratio)
         check_fraction("adapter_dropout", self.adapter_dropout)
         if POINT_ORDER[self.add_to] < POINT_ORDER[self.query_from]:

@@ -122,71 +122,109 @@ def check_scales(down_sample_num: Sequence[int], num_patches: int) -> list[int]:
     return sides
 
 
-def multiscale_pool(patches: torch.Tensor, down_sample_num: Sequence[int], pooling: str = "avg") -> torch.Tensor:
-    """Pool patch tokens [B, N, C] on their sqrt(N) x sqrt(N) grid to each scale, then concatenate.
+def pool_grid(grid: torch.Tensor, side: int, pooling: str) -> torch.Tensor:
+    """Pool a patch grid [B, g, g, C] to [B, side, side, C] (avg or max over each window, as adaptive pooling).
 
-    Returns [B, sum(down_sample_num), C]; a scale equal to N is the identity.
+    When side divides g the windows are disjoint g/side blocks, pooled by reshape + mean/amax: the same values as
+    adaptive pooling, and a backward of view/expand/elementwise ops only, where adaptive pooling's CUDA backward
+    raises under `torch.use_deterministic_algorithms(True)`. Only uneven windows (which overlap) keep adaptive pooling.
+    """
+    batch, size, _, width = grid.shape
+    if size % side:
+        pool = F.adaptive_avg_pool2d if pooling == "avg" else F.adaptive_max_pool2d
+        return pool(grid.permute(0, 3, 1, 2), side).permute(0, 2, 3, 1)
+    window = size // side
+    blocks = grid.reshape(batch, side, window, side, window, width)
+    if pooling == "avg":
+        return blocks.mean(dim=(2, 4))
+    # Forward values equal adaptive max pooling's; on a tie within a window amax splits the gradient among the tied
+    # entries where adaptive_max_pool2d gives all of it to one argmax.
+    return blocks.amax(dim=(2, 4))
+
+
+def multiscale_pool(patches: torch.Tensor, down_sample_num: Sequence[int], pooling: str = "avg") -> torch.Tensor:
+    """Pool patch tokens [B, N, C] on their sqrt(N) x sqrt(N) grid (row-major) to each scale, then concatenate.
+
+    Returns [B, sum(down_sample_num), C], each scale's pooled grid flattened row-major; a scale equal to N is the
+    identity. Deterministic on CUDA when each scale's side divides the grid's (see `pool_grid`).
     """
     check_choice("pooling", pooling, POOLINGS)
     batch, num_patches, width = patches.shape
     sides = check_scales(down_sample_num, num_patches)
     grid = math.isqrt(num_patches)
-    image = patches.transpose(1, 2).reshape(batch, width, grid, grid)
-    pool = F.adaptive_avg_pool2d if pooling == "avg" else F.adaptive_max_pool2d
+    image = patches.reshape(batch, grid, grid, width)
     scales = []
     for side in sides:
-        pooled = image if side == grid else pool(image, side)
-        scales.append(pooled.flatten(2).transpose(1, 2))
+        pooled = patches if side == grid else pool_grid(image, side, pooling).reshape(batch, side * side, width)
+        scales.append(pooled)
     return torch.cat(scales, dim=1)
 
 
 class _FusedAttend(torch.autograd.Function):
     """`attend` with a leaner backward record: it keeps the query, keys, values, the dropped scores and a 1-byte
     drop mask, and recomputes act(query) (elementwise, cheap) in backward, instead of autograd keeping act(query),
-    a float mask and two copies of the scores. Saving the scores spares backward a [T, d] x [d, Nv] matmul."""
+    a float mask and two copies of the scores. Saving the scores spares backward a [T, d] x [d, Nv] matmul.
+
+    Padding positions (`real_tokens` False) read nothing and pass no gradient back: left padding attends to nothing,
+    which some attention kernels turn into NaN, and a product with a zero mask keeps NaN (0 x NaN), so they are
+    selected away (where), in forward and in backward."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, query, activated_keys, values, drop_ratio, activation):  # type: ignore[override]
+    def forward(ctx, query, activated_keys, values, drop_ratio, activation, real_tokens):  # type: ignore[override]
         # Computed in the query's (the LLM's) dtype, so backward needs no autocast to match forward.
         ctx.memory_dtypes = activated_keys.dtype, values.dtype
         activated_keys, values = activated_keys.to(query.dtype), values.to(query.dtype)
         with torch.no_grad():
-            scores = torch.matmul(activate(query, activation), activated_keys.transpose(-1, -2))
+            scores = torch.matmul(activate(_real(query, real_tokens), activation), activated_keys.transpose(-1, -2))
             dropped = ~kept_mask(scores, drop_ratio) if drop_ratio > 0 else None
+            if real_tokens is not None:
+                dropped = ~real_tokens if dropped is None else dropped | ~real_tokens
             if dropped is not None:
                 scores.masked_fill_(dropped, 0)
             out = torch.matmul(scores, values)
         ctx.activation = activation
-        ctx.save_for_backward(query, activated_keys, values, scores, dropped)
+        ctx.save_for_backward(query, activated_keys, values, scores, dropped, real_tokens)
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # type: ignore[override]
-        query, keys, values, scores, dropped = ctx.saved_tensors
+        query, keys, values, scores, dropped, real_tokens = ctx.saved_tensors
         needs_query, needs_keys, needs_values = ctx.needs_input_grad[:3]
         grad_query = grad_keys = grad_values = None
+        grad_out = _real(grad_out, real_tokens)
         if needs_values:
             grad_values = torch.matmul(scores.transpose(-1, -2), grad_out).to(ctx.memory_dtypes[1])
         if not (needs_query or needs_keys):
-            return grad_query, grad_keys, grad_values, None, None
+            return grad_query, grad_keys, grad_values, None, None, None
         grad_scores = torch.matmul(grad_out, values.transpose(-1, -2))
         if dropped is not None:
             grad_scores.masked_fill_(dropped, 0)
         with torch.enable_grad():
             leaf = query.detach().requires_grad_(needs_query)
-            activated = activate(leaf, ctx.activation)
+            activated = activate(_real(leaf, real_tokens), ctx.activation)
         if needs_keys:
             grad_keys = torch.matmul(grad_scores.transpose(-1, -2), activated.detach())
         if needs_query:
             (grad_query,) = torch.autograd.grad(activated, leaf, torch.matmul(grad_scores, keys))
         grad_keys = None if grad_keys is None else grad_keys.to(ctx.memory_dtypes[0])
-        return grad_query, grad_keys, grad_values, None, None
+        return grad_query, grad_keys, grad_values, None, None, None
+
+
+def _real(tensor: torch.Tensor, real_tokens: torch.Tensor | None) -> torch.Tensor:
+    """`tensor` [B, T, d] with zeros at padding positions (real_tokens [B, T, 1] False); where(), not a product."""
+    return tensor if real_tokens is None else torch.where(real_tokens, tensor, 0)
 
 
 def fused_attend(
-    query: torch.Tensor, activated_keys: torch.Tensor, values: torch.Tensor, drop_ratio: float, activation: str
+    query: torch.Tensor,
+    activated_keys: torch.Tensor,
+    values: torch.Tensor,
+    drop_ratio: float,
+    activation: str,
+    real_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """drop(act(query) @ activated_keys^T) @ values: `attend(activate(query), ...)` with less activation memory."""
-    return _FusedAttend.apply(query, activated_keys, values, drop_ratio, activation)
+    """drop(act(query) @ activated_keys^T) @ values: `attend(activate(query), ...)` with less activation memory.
+    `real_tokens` [B, T, 1] (None: no padding): positions where it is False give zeros and receive no gradient."""
+    return _FusedAttend.apply(query, activated_keys, values, drop_ratio, activation, real_tokens)

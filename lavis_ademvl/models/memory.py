@@ -20,6 +20,8 @@ from lavis_ademvl.models.fusion import fused_attend
 # The submodule of a decoder layer whose input (`_in`) or output (`_out`) each point is.
 POINT_MODULES = {"attn_in": "self_attn", "attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
 QueryObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+# What the hooks read on one device: activated keys [B, Nv, d], values [B, Nv, d], and the real-token mask [B, L, 1].
+Held = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
@@ -38,8 +40,9 @@ class VisualMemory:
         self.alpha, self.drop_ratio, self.activation = alpha, drop_ratio, activation
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.real_tokens: torch.Tensor | None = None  # [B, L, 1] False at padding; None: no padding
         self.layers: Sequence[nn.Module] = ()
-        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._copies: dict[torch.device, Held] = {}
         self._pending_queries: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -75,7 +78,8 @@ class VisualMemory:
         def hook_for(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 if self.keys is not None:
-                    observer(index, _module_input(args, kwargs), self.keys)
+                    query = _module_input(args, kwargs)
+                    observer(index, query, self.on_device(query.device)[0])
 
             return hook
 
@@ -94,46 +98,60 @@ class VisualMemory:
             if self.keys is None:
                 return output
             query = _module_input(args, kwargs) if own_input else self._pending_queries.pop(index)
-            keys, values = self.on_device(query.device)
+            keys, values, real_tokens = self.on_device(query.device)
             if query.shape[0] != keys.shape[0]:
                 raise RuntimeError(f"visual memory holds {keys.shape[0]} rows but the decoder runs {query.shape[0]}")
-            fused = fused_attend(query, keys, values, self.drop_ratio, self.activation)
+            if real_tokens is not None:
+                real_tokens = real_tokens[:, -query.shape[1] :]  # the query holds the last positions (KV cache)
+            fused = fused_attend(query, keys, values, self.drop_ratio, self.activation, real_tokens)
             return _add_to_output(output, self.alpha * fused)
 
         return hook
 
     # ------------------------------------------------------------------ contents
 
-    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values on `device`: layers of a dispatched LLM live on several GPUs; one copy per device."""
+    def on_device(self, device: torch.device) -> Held:
+        """Keys, values and real-token mask on `device`: layers of a dispatched LLM live on several GPUs; one copy per
+        device."""
         if self.keys.device == device:
-            return self.keys, self.values
+            return self.keys, self.values, self.real_tokens
         if device not in self._copies:
-            self._copies[device] = (self.keys.to(device), self.values.to(device))
+            real_tokens = None if self.real_tokens is None else self.real_tokens.to(device, non_blocking=True)
+            self._copies[device] = (self.keys.to(device, non_blocking=True), self.values.to(device, non_blocking=True),
+                                    real_tokens)
         return self._copies[device]
 
     @contextlib.contextmanager
     def holding(
-        self, keys: torch.Tensor | None, values: torch.Tensor | None, expand: int = 1, keep: bool = False
+        self,
+        keys: torch.Tensor | None,
+        values: torch.Tensor | None,
+        expand: int = 1,
+        keep: bool = False,
+        real_tokens: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Make a batch's activated keys and values visible to every hooked layer (nothing, when keys is None).
 
         Generation runs `expand` rows per sample (beams or sampled sequences), repeated in place as Hugging Face
         does; beam reordering only permutes rows of one sample, which share their visual memory. `keep`: the memory
         stays after the block until the next batch replaces it (gradient checkpointing recomputes the layers, and
-        runs the hooks, during backward).
+        runs the hooks, during backward). `real_tokens`: [B, L] False at padding positions (None: no padding), whose
+        queries then read nothing.
         """
         if keys is None:
             yield
             return
         if expand > 1:
             keys, values = keys.repeat_interleave(expand, dim=0), values.repeat_interleave(expand, dim=0)
+            if real_tokens is not None:
+                real_tokens = real_tokens.repeat_interleave(expand, dim=0)
         self.keys, self.values, self._copies = keys, values, {}
+        self.real_tokens = None if real_tokens is None else real_tokens.unsqueeze(-1)
         try:
             yield
         finally:
             if not keep:
-                self.keys, self.values, self._copies = None, None, {}
+                self.keys, self.values, self.real_tokens, self._copies = None, None, None, {}
             self._pending_queries.clear()
 
 

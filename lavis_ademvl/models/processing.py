@@ -30,13 +30,20 @@ class EncodedBatch:
     attention_mask: torch.Tensor  # [B, L]
     slot_mask: torch.Tensor  # [B, L] True where visual slot embeddings go
     labels: torch.Tensor  # [B, L]
+    # How many of the last columns hold a label in some row (0: none), known on the host so that no step reads it back
+    # from the device; left padding puts every label there.
+    labelled_columns: int = 0
+    padded: bool = True  # whether some row is padded (known on the host)
 
     @property
     def position_ids(self) -> torch.Tensor:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     def to(self, device: torch.device | str) -> EncodedBatch:
-        return EncodedBatch(*(tensor.to(device) for tensor in (self.input_ids, self.attention_mask, self.slot_mask, self.labels)))
+        """On `device`, copied without waiting for the device (non-blocking: no host synchronisation)."""
+        tensors = (self.input_ids, self.attention_mask, self.slot_mask, self.labels)
+        return EncodedBatch(*(tensor.to(device, non_blocking=True) for tensor in tensors), self.labelled_columns,
+                            self.padded)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ class PromptEncoder:
         has_image = image_flags(samples, len(conversations))
         encoded = [self.encode_turns(turns, bool(h), reserve) for turns, h in zip(conversations, has_image.tolist())]
         length = max(len(ids) for ids, _, _ in encoded)
+        label_starts = [length - len(ids) + next((i for i, label in enumerate(row_labels) if label != -100), len(ids))
+                        for ids, _, row_labels in encoded]
         batch = len(encoded)
         input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
@@ -107,7 +116,8 @@ class PromptEncoder:
             labels[row, offset:] = torch.tensor(row_labels)
             if slot_start >= 0:
                 slot_mask[row, offset + slot_start : offset + slot_start + self.slot_length] = True
-        return EncodedBatch(input_ids, attention_mask, slot_mask, labels)
+        padded = any(len(ids) < length for ids, _, _ in encoded)
+        return EncodedBatch(input_ids, attention_mask, slot_mask, labels, length - min(label_starts), padded)
 
     def turns(self, samples: dict, with_answer: bool, prompt: str | None = None) -> list[list[Turn]]:
         """The turns of each sample: a `conversation` field's (training only), else one turn from `texts`."""
@@ -274,16 +284,8 @@ def _per_sample(value: str | Sequence[str], count: int) -> list[str]:
     return [value] * count if isinstance(value, str) else list(value)
 
 
-def labelled_columns(labels: torch.Tensor) -> int:
-    """How many of the last columns of a left-padded [B, L] label batch hold a label (not -100) in some row; 0 when
-    none does (truncation 'end' may cut every answer of a batch away)."""
-    columns = (labels != -100).any(dim=0).nonzero()
-    return labels.shape[1] - int(columns[0]) if columns.numel() else 0
-
-
-def last_columns(hidden: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the last `count` positions of [B, L, ...], for Hugging Face's `logits_to_keep`. An index tensor,
-    not an int: an int slices a non-contiguous view, and the vocabulary projection of that view copies the
-    [vocab, d] weight once per sample."""
-    length = hidden.shape[1]
-    return torch.arange(length - count, length, device=hidden.device)
+def last_columns(length: int, count: int, device: torch.device | None) -> torch.Tensor:
+    """Indices of the last `count` of `length` positions, for Hugging Face's `logits_to_keep`. An index tensor, not an
+    int: an int slices a non-contiguous view, and the vocabulary projection of that view copies the [vocab, d] weight
+    once per sample."""
+    return torch.arange(length - count, length, device=device)

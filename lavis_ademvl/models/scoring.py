@@ -28,7 +28,7 @@ def score_candidates(
     prompts, cues, _ = model.sample_texts(samples, with_answer=False, prompt=prompt)
     has_image = image_flags(samples, len(prompts))
     with model.autocast():
-        visual = model.visual_inputs(samples.get("image"), has_image.to(model.device))
+        visual = model.visual_inputs(samples.get("image"), has_image.to(model.device, non_blocking=True))
     flat_scores: list[float] = []
     for start in range(0, len(pairs), rows_per_pass):
         chunk = pairs[start : start + rows_per_pass]
@@ -54,7 +54,7 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
     Exactly the full-sequence scores (tests/test_model.py restates them): the pairs are tokenized as training does,
     and the shared part is found on the token ids, so tokenizer merges and truncation change nothing.
     """
-    encoded = model.encode_batch(pair_samples, with_answer=True)
+    encoded = model.processor.encode(pair_samples, with_answer=True)  # on the host: its ids are read as lists
     pads = (encoded.attention_mask == 0).sum(-1).tolist()
     sequences = [ids[pad:] for ids, pad in zip(encoded.input_ids.tolist(), pads)]
     labels = [row_labels[pad:] for row_labels, pad in zip(encoded.labels.tolist(), pads)]
@@ -80,6 +80,9 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
             raise ValueError("rank scoring needs at least one token (bos, image prompt or prompt) before the answers")
         shared[row] = length
     device = model.device
+    # Index tensors handed to the LLM and its cache live where the tensors they index do: the LLM's device, or the CPU
+    # when the LLM spans devices (a CPU index indexes a tensor on any device).
+    index_device = None if model.llm_spans_devices else device
 
     prefix = left_padded([sequences[members[row][0]][: shared[row]] for row in groups], model.tokenizer.pad_token_id)
     prefix_slots = left_padded([slots[members[row][0]][: shared[row]] for row in groups], False)
@@ -106,7 +109,7 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
     attention_mask = torch.cat([prefix[1][group_of], torch.ones_like(input_ids)], dim=1)
     position_ids = torch.tensor([[start + t for t in range(width)] for start in starts])
     suffix_batch = EncodedBatch(input_ids, attention_mask, torch.zeros_like(input_ids, dtype=torch.bool), targets).to(device)
-    cache.batch_select_indices(group_of.to(device))
+    cache.batch_select_indices(group_of.to(index_device))
     pair_rows = rows[scored].to(device)
     pair_visual = (*(None if t is None else t[pair_rows] for t in visual[:2]), None)
     with model._llm_inputs({}, suffix_batch, pair_visual) as embeds:
@@ -115,9 +118,9 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
             position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
         )
     # The logit for suffix token t comes from the token before it: the prefix's last one for t = 0.
-    logits = torch.cat([prefix_logits[group_of.to(device)].unsqueeze(1), output.logits[:, :-1]], dim=1)
+    logits = torch.cat([prefix_logits[group_of.to(index_device)].unsqueeze(1), output.logits[:, :-1]], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = suffix_batch.labels
+    targets = suffix_batch.labels.to(logprobs.device, non_blocking=True)
     token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     for i, score in zip(scored, (token_logprobs * (targets != -100)).sum(-1).tolist()):
         scores[i] = score

@@ -7,7 +7,9 @@ the paper uses): the parameter report of `python -m lavis_ademvl.params`.
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,34 +56,54 @@ def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def compute_dtype(config: AdemVLConfig) -> torch.dtype:
-    """`llm_dtype` on CUDA; on CPU `cpu_dtype`, where `auto` is bfloat16 only if the CPU computes it natively
-    (about 1.5x faster there, slower elsewhere)."""
-    if torch.cuda.is_available():
-        return DTYPES[config.llm_dtype]
+def compute_dtype(config: AdemVLConfig, device: torch.device) -> torch.dtype:
+    """The dtype the frozen towers compute in on `device`: `llm_dtype` on CUDA (bfloat16 falls back to float16, with a
+    loss scaler, on GPUs without bfloat16 such as V100/T4); on CPU `cpu_dtype`, where `auto` is bfloat16 only if the
+    CPU computes it natively (about 1.5x faster there, slower elsewhere)."""
+    if device.type == "cuda":
+        dtype = DTYPES[config.llm_dtype]
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+            logging.warning("llm_dtype=bfloat16, but %s has no bfloat16: computing in float16 with loss scaling",
+                            torch.cuda.get_device_name(device))
+            return torch.float16
+        return dtype
     if config.cpu_dtype == "auto":
         return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
     return DTYPES[config.cpu_dtype]
 
 
-def load_towers(config: AdemVLConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, CLIPVisionModel | None, torch.dtype]:
-    """(LLM, tokenizer, vision tower or None, compute dtype) of a model config, loaded in that order."""
-    dtype = compute_dtype(config)
-    llm = load_llm(config.llm_model, config.llm_config, dtype, config.llm_quantization, config.llm_device_map)
+def model_device(config: AdemVLConfig) -> torch.device:
+    """Where the towers are loaded and compute: `device` (the launcher sets the run's), else CUDA when available;
+    `cuda` is this process's current GPU."""
+    name = config.device or "auto"
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"model.device={name!r} but no CUDA device is visible; use cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def load_towers(
+    config: AdemVLConfig, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, CLIPVisionModel | None, torch.dtype]:
+    """(LLM, tokenizer, vision tower or None, compute dtype) of a model config, loaded in that order straight onto
+    `device` (a 7B LLM never passes through host memory as a whole on a GPU run)."""
+    dtype = compute_dtype(config, device)
+    llm = load_llm(config.llm_model, config.llm_config, dtype, device, config.llm_quantization, config.llm_device_map)
     tokenizer_name = config.tokenizer or config.llm_model
     if tokenizer_name is None:
         raise KeyError("model config needs `tokenizer` when the LLM comes from `llm_config`")
     tokenizer = load_tokenizer(str(tokenizer_name))
     vision_tower = None
     if config.fusion != "none":
-        vision_tower = load_vision_tower(config.vision_model, config.vision_config, dtype)
+        vision_tower = load_vision_tower(config.vision_model, config.vision_config, dtype, device)
     return llm, tokenizer, vision_tower, dtype
 
 
 def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
     """bitsandbytes 8-bit or 4-bit (NF4) loading of the frozen LLM; CUDA only."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"llm_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU leave it null")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -97,6 +119,7 @@ def load_llm(
     name_or_path: str | None,
     config: dict | None,
     dtype: torch.dtype,
+    device: torch.device,
     quantization: str | None = None,
     device_map: str | dict | None = None,
 ) -> PreTrainedModel:
@@ -110,28 +133,47 @@ def load_llm(
     if quantization is not None:
         if config is not None:
             raise ValueError("llm_quantization needs pretrained weights (llm_model), not a random llm_config")
+        if device.type != "cuda":
+            raise RuntimeError(f"llm_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU leave it null")
         quantization_config = _quantization_config(quantization, dtype)
+        # On this process's GPU: under torchrun every rank holds its own quantized copy.
         return AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(name_or_path), torch_dtype=dtype, quantization_config=quantization_config,
-            device_map={"": torch.cuda.current_device()},
+            device_map={"": device.index},
         )
     if config is not None:
-        return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-    return _pretrained(AutoModelForCausalLM, "llm_model", name_or_path, dtype)
+        return random_tower(lambda: LlamaForCausalLM(LlamaConfig(**config)), dtype, device)
+    return _pretrained(AutoModelForCausalLM, "llm_model", name_or_path, dtype, device)
 
 
-def load_vision_tower(name_or_path: str | None, config: dict | None, dtype: torch.dtype) -> CLIPVisionModel:
+def load_vision_tower(
+    name_or_path: str | None, config: dict | None, dtype: torch.dtype, device: torch.device
+) -> CLIPVisionModel:
     if (name_or_path is None) == (config is None):
         raise KeyError("give exactly one of `vision_model` (hub name or local folder) and `vision_config` (random init)")
     if config is not None:
-        return CLIPVisionModel(CLIPVisionConfig(**config)).to(dtype)
-    return _pretrained(CLIPVisionModel, "vision_model", name_or_path, dtype)
+        return random_tower(lambda: CLIPVisionModel(CLIPVisionConfig(**config)), dtype, device)
+    return _pretrained(CLIPVisionModel, "vision_model", name_or_path, dtype, device)
 
 
-def _pretrained(model_cls: type, key: str, name_or_path: str, dtype: torch.dtype) -> PreTrainedModel:
+# Random towers start from this seed (the projects' default run seed) whatever the run's seed and rank: every DDP rank
+# builds the same frozen weights (DDP does not broadcast them), and a run's seed changes only what it trains.
+RANDOM_TOWER_SEED = 42
+
+
+def random_tower(build: Callable[[], PreTrainedModel], dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """A randomly initialised tower (tests, debugging) from RANDOM_TOWER_SEED, leaving the global random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TOWER_SEED)
+        return build().to(device=device, dtype=dtype)
+
+
+def _pretrained(model_cls: type, key: str, name_or_path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     name_or_path = os.path.expanduser(name_or_path)
+    # On a GPU the weights load straight onto it; on the CPU a device map would only mark the model as dispatched.
+    placement = {"device_map": {"": device.index}} if device.type == "cuda" else {}
     try:
-        return model_cls.from_pretrained(name_or_path, torch_dtype=dtype)
+        return model_cls.from_pretrained(name_or_path, torch_dtype=dtype, **placement)
     except OSError as error:
         raise OSError(f"model.{key}={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
 

@@ -29,7 +29,6 @@ import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
 from lavis.common.logger import MetricLogger, SmoothedValue
 from lavis.common.registry import registry
-from lavis.datasets.data_utils import prepare_sample
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -89,12 +88,15 @@ class RunnerAdemVL(RunnerBase):
     @property
     def model(self) -> torch.nn.Module:
         if self._wrapped_model is None:
-            placed = getattr(self._model, "llm_dispatched", False)
-            if placed and self.use_distributed:
-                raise ValueError("model.llm_device_map spreads one model over several GPUs in one process; "
-                                 "run it without torchrun")
-            self._model = self._model.place(self.device) if hasattr(self._model, "place") else self._model.to(self.device)
+            if getattr(self._model, "llm_spans_devices", False) and self.use_distributed:
+                raise ValueError("model.llm_device_map spreads one model over several GPUs in one process; run it "
+                                 "without torchrun (a quantized LLM, on each rank's own GPU, trains under torchrun)")
+            self._model = self._model.to(self.device)  # a dispatched LLM stays where it was placed (AdemVL.to)
             if self.use_distributed:
+                # DDP owns the trainable parameters only: the frozen towers come from the same files (or the same
+                # seed) on every rank, and broadcasting them at wrap time (13.5 GB at 7B) and their buffers at every
+                # forward would only cost time.
+                DDP._set_params_and_buffers_to_ignore_for_model(self._model, frozen_state_names(self._model))
                 device_ids = [self.config.run_cfg.gpu] if self.cuda_enabled else None
                 self._wrapped_model = DDP(self._model, device_ids=device_ids)
             else:
@@ -103,9 +105,10 @@ class RunnerAdemVL(RunnerBase):
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
-        # A loss scaler only matters for float16 autocast on CUDA.
-        if self._scaler is None and self.config.run_cfg.get("amp", False) and self.cuda_enabled:
-            self._scaler = torch.amp.GradScaler("cuda")
+        if self._scaler is None:
+            dtype = getattr(self._model, "compute_dtype", torch.float32)
+            if needs_loss_scaling(self.device, dtype, bool(self.config.run_cfg.get("amp", False))):
+                self._scaler = torch.amp.GradScaler("cuda")
         return self._scaler
 
     @property
@@ -173,6 +176,8 @@ class RunnerAdemVL(RunnerBase):
         self.log_config()
         self.check_splits()
         self.check_image_sizes()
+        if not self.evaluate_only:  # decided before training: a contradicting run.amp ends the run here
+            logging.info("loss scaling: %s", "on (float16 on CUDA)" if self.scaler else "off")
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             self._load_checkpoint(self.resume_ckpt_path)
             self.trained_here = True
@@ -246,28 +251,37 @@ class RunnerAdemVL(RunnerBase):
 
         metric_logger = MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
         optimizer.zero_grad(set_to_none=True)
         header = f"Train: data epoch: [{epoch}]"
+        host_inputs = getattr(self.unwrap_dist_model(model), "host_inputs", frozenset())
+        pending: list[torch.Tensor] = []  # the losses of this update's micro-steps, on the device
         for step, samples in enumerate(metric_logger.log_every(loader, self.log_freq, header)):
-            samples = prepare_sample(samples, cuda_enabled=self.cuda_enabled)
+            samples = upload(samples, self.device, host_inputs)
             lr = self.lr_scheduler.step(cur_epoch=epoch, cur_step=step)
             update = (step + 1) % accum == 0 or step + 1 == iters
             # Between optimizer steps, gradients accumulate locally; DDP all-reduces only on the update step.
             sync_context = model.no_sync() if self.use_distributed and not update else contextlib.nullcontext()
             with sync_context:
                 loss = self.task.train_step(model=model, samples=samples)
-                check_finite_loss(loss, epoch, step, iters)
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
+            pending.append(loss.detach())
             if update:
+                # The host reads the losses once per update, after its backward passes are queued, and before the
+                # weights take them.
+                losses = torch.stack(pending).float().tolist()
+                check_finite_losses(losses, epoch, step + 1 - len(losses), iters)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            metric_logger.update(loss=loss.item())
+                if "loss" not in metric_logger.meters:  # added at the first update: an empty meter cannot print
+                    metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
+                for value in losses:
+                    metric_logger.update(loss=value)
+                pending = []
             metric_logger.update(lr=optimizer.param_groups[0]["lr"] if lr is None else lr)
         self._synchronize_meters(metric_logger)
         logging.info("Averaged stats: %s", metric_logger.global_avg())
@@ -399,11 +413,50 @@ def new_job_dir(root: Path, job_id: str) -> Path:
             raise RunFailed(f"cannot create the run folder {path}: {error.strerror or error}") from error
 
 
-def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, iters: int) -> None:
-    """Stop the run at a NaN or infinite loss (its weights would follow), naming the iteration."""
-    if not torch.isfinite(loss.detach()).all():
-        raise RunFailed(
-            f"the training loss is {loss.item()} at epoch {epoch}, iteration {step} of {iters}; the run stops before "
-            f"the weights take it (the checkpoints written so far are kept). Lower run.init_lr, or check the data."
-        )
+def check_finite_losses(losses: list[float], epoch: int, first_step: int, iters: int) -> None:
+    """Stop the run at a NaN or infinite loss (its weights would follow), naming the iteration; `losses` are those of
+    iterations first_step, first_step + 1, ..."""
+    for step, value in enumerate(losses, start=first_step):
+        if not math.isfinite(value):
+            raise RunFailed(
+                f"the training loss is {value} at epoch {epoch}, iteration {step} of {iters}; the run stops before the "
+                f"weights take it (the checkpoints written so far are kept). Lower run.init_lr, or check the data."
+            )
 
+
+def needs_loss_scaling(device: torch.device, dtype: torch.dtype, amp: bool) -> bool:
+    """Whether training scales its loss: float16 on CUDA does (its small gradients underflow); bfloat16 (float32's
+    exponent range) and float32 do not. `run.amp: true` asks for mixed precision, which a model computing in float32
+    contradicts: an error rather than a run that silently trains in full precision."""
+    if amp and dtype == torch.float32:
+        raise ValueError(f"run.amp is true, but the model computes in float32 on {device.type} (model.llm_dtype on "
+                         "CUDA, model.cpu_dtype on CPU): choose bfloat16 or float16 there, or set run.amp=false")
+    return device.type == "cuda" and dtype == torch.float16
+
+
+def frozen_state_names(model: torch.nn.Module) -> list[str]:
+    """The parameters that do not train, and the buffers of submodules without a trainable parameter: what DDP
+    leaves alone."""
+    names = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    for module_name, module in model.named_modules():
+        if not any(parameter.requires_grad for parameter in module.parameters()):
+            prefix = f"{module_name}." if module_name else ""
+            names += [prefix + name for name, _ in module.named_buffers(recurse=False)]
+    return names
+
+
+def upload(samples: dict, device: torch.device, host_inputs: frozenset[str] = frozenset()) -> dict:
+    """The batch's tensors (also inside lists and dicts) on `device`, copied without blocking the host (the loader
+    pins them on CUDA), except the fields the model reads on the host (`host_inputs`): uploading those would read them
+    back every step."""
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [moved(item) for item in value]
+        return value
+
+    return {key: value if key in host_inputs else moved(value) for key, value in samples.items()}
