@@ -136,7 +136,12 @@ def pool_grid(grid: torch.Tensor, side: int, pooling: str) -> torch.Tensor:
     window = size // side
     blocks = grid.reshape(batch, side, window, side, window, width)
     if pooling == "avg":
-        return blocks.mean(dim=(2, 4))
+        # Summed entry by entry in row-major order, as adaptive pooling's CPU kernel sums a window, so the values are
+        # its values exactly (a mean over both window dimensions would add in another order).
+        total = blocks[:, :, 0, :, 0]
+        for offset in range(1, window * window):
+            total = total + blocks[:, :, offset // window, :, offset % window]
+        return total / (window * window)
     # Forward values equal adaptive max pooling's; on a tie within a window amax splits the gradient among the tied
     # entries where adaptive_max_pool2d gives all of it to one argmax.
     return blocks.amax(dim=(2, 4))
