@@ -1,9 +1,10 @@
 """Task `ademvl_mmbench`: MMBench multiple choice with circular evaluation, accuracy overall, per category and per
-l2-category (percent).
+l2-category (percent), scored as VLMEvalKit's `mcq_circular_eval` and `report_acc` score the official TSV.
 
-Every rotation of a question's options is answered by the `scienceqa_mc` answering path (`answer_questions`: one
-greedy token read as its first capital letter, or `rank`); a question is right only when all its rotations are.
-`vanilla` is the accuracy over the unrotated questions alone, for comparison with single-pass numbers.
+Every row (prompt) is answered by the `scienceqa_mc` answering path (`answer_questions`: one greedy token read as its
+first capital letter, or `rank`). Rows belong to the question `index % 1,000,000`; a question is right only when all
+its rows are. `vanilla` is the accuracy over the main rows (index < 1,000,000) alone, for comparison with
+single-pass numbers. docs/mmbench.md has the details.
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from lavis.tasks.base_task import BaseTask
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.results import gathered_records, write_evaluation
 from lavis_ademvl.common.validation import check_choice
+from lavis_ademvl.datasets.datasets.mmbench_datasets import CIRCULAR_OFFSET
 from lavis_ademvl.tasks.scienceqa import INFERENCE_METHODS, answer_questions
+
+RECORD_KEYS = ("question_id", "index", "answer", "category", "l2_category", "rotations")
 
 
 def _percent(right: int, total: int) -> float:
@@ -24,22 +28,34 @@ def _percent(right: int, total: int) -> float:
 
 
 def circular_metrics(records: list[dict]) -> dict[str, Any]:
-    """agg_metrics = overall circular accuracy; `category` and `l2_category`: accuracy per value; `vanilla`: rotation 0
-    only; counts of questions."""
-    rotations: dict[str, list[dict]] = defaultdict(list)
+    """From one record per prompt (`index`: its TSV row's): agg_metrics = circular accuracy over questions;
+    `vanilla`: main rows only; `category` and `l2_category`: circular accuracy per value, one count per question (its
+    main row's value); `questions`, `prompts` (rows asked) and `rotations` (where the rows came from)."""
+    rows: dict[int, list[dict]] = defaultdict(list)
     for record in records:
-        rotations[record["index"]].append(record)
-    right = {index: all(r["prediction"] == r["answer"] for r in rows) for index, rows in rotations.items()}
+        rows[int(record["index"]) % CIRCULAR_OFFSET].append(record)
+    mains = {}
+    for question, group in rows.items():
+        main = [record for record in group if int(record["index"]) == question]
+        if not main:  # the dataset always asks the main row, so a question without it lost records on the way
+            raise ValueError(f"MMBench records: question {question} has rows {sorted(r['index'] for r in group)} but "
+                             f"no record of its main row (index {question})")
+        mains[question] = main[0]
+    rotations = sorted({record["rotations"] for record in records})
+    if len(rotations) != 1:
+        raise ValueError(f"MMBench records come from different rotation sources {rotations}; score one run at a time")
+    right = {question: all(r["prediction"] == r["answer"] for r in group) for question, group in rows.items()}
     metrics: dict[str, Any] = {
         "agg_metrics": _percent(sum(right.values()), len(right)),
+        "vanilla": _percent(sum(main["prediction"] == main["answer"] for main in mains.values()), len(mains)),
         "questions": len(right),
+        "prompts": len(records),
+        "rotations": rotations[0],
     }
-    originals = [r for r in records if int(r["rotation"]) == 0]
-    metrics["vanilla"] = _percent(sum(r["prediction"] == r["answer"] for r in originals), len(originals)) if originals else None
     for key in ("category", "l2_category"):
         groups: dict[str, list[bool]] = defaultdict(list)
-        for index, rows in rotations.items():
-            groups[rows[0][key]].append(right[index])
+        for question, main in mains.items():
+            groups[main[key]].append(right[question])
         metrics[key] = {name: _percent(sum(marks), len(marks)) for name, marks in sorted(groups.items())}
     return metrics
 
@@ -58,7 +74,7 @@ class MMBenchTask(BaseTask):
     def valid_step(self, model: Any, samples: dict) -> list[dict]:
         outputs, predictions = answer_questions(model, samples, self.inference_method)
         return [
-            {key: samples[key][row] for key in ("question_id", "index", "rotation", "answer", "category", "l2_category")}
+            {key: samples[key][row] for key in RECORD_KEYS}
             | {"output": output, "prediction": predictions[row]}
             for row, output in enumerate(outputs)
         ]
@@ -68,7 +84,8 @@ class MMBenchTask(BaseTask):
         if records is None:  # not the main process
             return None
         metrics = circular_metrics(records)
-        logging.info("MMBench %s: circular accuracy %.2f over %d questions (vanilla %s); per category %s", split_name,
-                     metrics["agg_metrics"], metrics["questions"], metrics["vanilla"], metrics["category"])
+        logging.info("MMBench %s: circular accuracy %.2f over %d questions, %d prompts (rotations: %s); vanilla %.2f; "
+                     "per category %s", split_name, metrics["agg_metrics"], metrics["questions"], metrics["prompts"],
+                     metrics["rotations"], metrics["vanilla"], metrics["category"])
         write_evaluation(split_name, {**metrics, "epoch": epoch})
         return metrics

@@ -1,4 +1,5 @@
-"""Builder `ademvl_mmbench`: MMBench's official TSV, every rotation of every question (circular evaluation)."""
+"""Builder `ademvl_mmbench`: MMBench's official TSV, every row of every question (circular evaluation: the file's
+circular copies, or, in a file without any, the options rotated here)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.validation import check_choice, check_known_keys
-from lavis_ademvl.datasets.datasets.mmbench_datasets import MMBenchDataset, read_tsv
+from lavis_ademvl.datasets.datasets.mmbench_datasets import ROTATION_SOURCES, ROTATIONS_OURS, MMBenchDataset, read_tsv
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import QuestionFormat, ScienceQASampleMaker
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "ademvl_mmbench"
@@ -49,9 +50,12 @@ class MMBenchBuilder(BaseDatasetBuilder):
             raise ValueError(f"datasets.ademvl_mmbench.build_info.circular={circular!r} must be true or false")
         if not build_info.get("tsv"):
             raise ValueError("datasets.ademvl_mmbench.build_info.tsv is not set; point it at MMBench's dev TSV")
-        questions = read_tsv(Path(os.path.expanduser(str(build_info.tsv))))
+        tsv = read_tsv(Path(os.path.expanduser(str(build_info.tsv))))
         self.build_processors()
         make_sample = ScienceQASampleMaker(question_format, self.vis_processors["eval"], self.text_processors["eval"])
-        dataset = MMBenchDataset(questions, make_sample, circular)
-        logging.info("MMBench %s: %d questions, %d items (circular: %s)", build_info.tsv, len(questions), len(dataset), circular)
+        dataset = MMBenchDataset(tsv, make_sample, circular)
+        # A file without copies is not the official file: its figure rests on our rotations, hence a warning.
+        log = logging.warning if dataset.rotations == ROTATIONS_OURS else logging.info
+        log("MMBench %s: %d questions, %d prompts; rotations: %s (%s)", tsv.path, len(tsv.questions), len(dataset),
+            dataset.rotations, ROTATION_SOURCES[dataset.rotations])
         return {"test": dataset}
