@@ -1,4 +1,4 @@
-"""ADEM-VL: a frozen LLaMA-family LLM and a frozen CLIP vision tower joined by parameter-free cross-attention.
+"""ADEM-VL: a frozen decoder LLM and a frozen CLIP vision tower joined by parameter-free cross-attention.
 
 The model composes its parts, each in its own module:
 - `config.py`: every option, its default and allowed values (`AdemVLConfig`);
@@ -70,6 +70,8 @@ class AdemVL(BaseModel):
         "llama7b": str(CONFIG_DIR / "llama7b.yaml"),
         "llama13b": str(CONFIG_DIR / "llama13b.yaml"),
         "llama2_7b": str(CONFIG_DIR / "llama2_7b.yaml"),
+        "llama3_8b": str(CONFIG_DIR / "llama3_8b.yaml"),
+        "qwen2_5_7b": str(CONFIG_DIR / "qwen2_5_7b.yaml"),
         "smollm2_135m": str(CONFIG_DIR / "smollm2_135m.yaml"),
         "tiny": str(CONFIG_DIR / "tiny.yaml"),
     }

@@ -54,10 +54,18 @@ class AdemVLConfig:
     pretrained: str | None = option(None, "LAVIS key, unused")
     # The frozen towers (models/towers.py).
     llm_model: str | None = option(
-        None, "hub name or local folder of a LLaMA-family causal LM (exactly one of it and `llm_config`)"
+        None,
+        "hub name or local folder of a decoder-only causal LM: LLaMA 1/2/3, Mistral, Qwen2/2.5/3, Gemma 1/2/3, Phi-3 "
+        "(docs/backbones.md; exactly one of it and `llm_config`)",
     )
-    llm_config: dict | None = option(None, "a dict for a randomly initialised `LlamaConfig`")
-    tokenizer: str | None = option(None, "hub name, folder, or `byte_level` (file-free, for random models); null: the LLM's own")
+    llm_config: dict | None = option(
+        None, "a randomly initialised LLM: `AutoConfig.for_model(model_type, **rest)`, `model_type` default `llama`"
+    )
+    tokenizer: str | None = option(
+        None,
+        "hub name, folder, or `byte_level` (file-free, for random models); null: the LLM's own. BOS only where the "
+        "tokenizer adds one itself; without a pad token, eos pads (masked)",
+    )
     vision_model: str | None = option(None, "CLIP vision tower: hub name or local folder (exactly one of it and `vision_config`)")
     vision_config: dict | None = option(None, "a dict for a randomly initialised `CLIPVisionConfig`")
     llm_dtype: str = option("bfloat16", "dtype of the frozen towers on CUDA (with autocast)", LLM_DTYPES)

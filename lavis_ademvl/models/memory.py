@@ -3,7 +3,8 @@ an unmodified Hugging Face decoder.
 
 `attach(layers)` hooks every decoder layer and returns the handles (`detach()` removes them all). While the memory
 holds a batch's activated keys and values (`holding`), each layer reads its query u at `query_from` and adds
-alpha * fused_attend(u, keys, values) at `add_to`; outside `holding` the hooks do nothing.
+alpha * fused_attend(u, keys, values) at `add_to`; outside `holding` the hooks do nothing. Which submodule of a layer
+each point is depends on the LLM's family (`DECODER_FAMILIES`, docs/backbones.md).
 """
 from __future__ import annotations
 
@@ -17,19 +18,60 @@ from torch.utils.hooks import RemovableHandle
 
 from lavis_ademvl.models.fusion import fused_attend
 
-# The submodule of a decoder layer whose input (`_in`) or output (`_out`) each point is.
-POINT_MODULES = {"attn_in": "self_attn", "attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
+# The submodule of a decoder layer whose input (`_in`) or output (`_out`) each point is. A point's meaning is the same in
+# every family: `attn_in`/`mlp_in` the input of the attention block/MLP (after its pre-norm), `attn_out`/`mlp_out` the
+# branch's last output before it joins the residual stream h, so that the fused feature enters h as the paper adds it.
+# LLaMA, Mistral, Qwen2/3, Gemma-1: h += self_attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h)).
+PRE_NORM_POINTS = {"attn_in": "self_attn", "attn_out": "self_attn", "mlp_in": "mlp", "mlp_out": "mlp"}
+# Gemma-2/3 normalise each branch's output as well: h += post_attention_layernorm(self_attn(input_layernorm(h)));
+# h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))). Added to the MLP's output, the fused feature would
+# pass through that norm (rescaled to the norm's weights, whatever alpha); it is added to the norm's output instead.
+# (Gemma's `post_attention_layernorm` follows the attention block; LLaMA's of the same name is the MLP's pre-norm.)
+SANDWICH_NORM_POINTS = {"attn_in": "self_attn", "attn_out": "post_attention_layernorm", "mlp_in": "mlp",
+                        "mlp_out": "post_feedforward_layernorm"}
+# Phi-3: h += resid_attn_dropout(self_attn(...)); h += resid_mlp_dropout(mlp(...)): added after the dropout, not in it.
+PHI3_POINTS = {"attn_in": "self_attn", "attn_out": "resid_attn_dropout", "mlp_in": "mlp", "mlp_out": "resid_mlp_dropout"}
+# model_type of the LLM's (text) config -> the class of its decoder layers and their points. A family joins with a row
+# here once its decoder layer's forward has been read (docs/backbones.md: how to add one).
+DECODER_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
+    "llama": ("LlamaDecoderLayer", PRE_NORM_POINTS),
+    "mistral": ("MistralDecoderLayer", PRE_NORM_POINTS),
+    "qwen2": ("Qwen2DecoderLayer", PRE_NORM_POINTS),
+    "qwen3": ("Qwen3DecoderLayer", PRE_NORM_POINTS),
+    "gemma": ("GemmaDecoderLayer", PRE_NORM_POINTS),
+    "gemma2": ("Gemma2DecoderLayer", SANDWICH_NORM_POINTS),
+    "gemma3_text": ("Gemma3DecoderLayer", SANDWICH_NORM_POINTS),
+    "phi3": ("Phi3DecoderLayer", PHI3_POINTS),
+}
+_POINTS_OF_LAYER_CLASS = {layer_class: points for layer_class, points in DECODER_FAMILIES.values()}
 QueryObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 # What the hooks read on one device: activated keys [B, Nv, d], values [B, Nv, d], and the real-token mask [B, L, 1].
 Held = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a LLaMA-family causal LM (each with `self_attn` and `mlp`)."""
+    """The decoder layers of a causal LM of a family in DECODER_FAMILIES (Gemma-3's multimodal model too: its text
+    decoder's); any other LLM is a ValueError naming its model type."""
+    model_type = llm.config.get_text_config().model_type
+    if model_type not in DECODER_FAMILIES:
+        raise ValueError(
+            f"the LLM's model_type {model_type!r} ({type(llm).__name__}) is not a supported decoder family "
+            f"{sorted(DECODER_FAMILIES)}: ADEM-VL needs to know where each decoder layer's attention block and MLP "
+            f"read and join the residual stream (a row of DECODER_FAMILIES in lavis_ademvl/models/memory.py)"
+        )
+    layer_class = DECODER_FAMILIES[model_type][0]
     layers = getattr(llm.get_decoder(), "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
-        raise TypeError(f"{type(llm).__name__} is not a LLaMA-family decoder (layers with self_attn and mlp)")
+    found = sorted({type(layer).__name__ for layer in layers}) if layers is not None else "no `layers`"
+    if layers is None or found != [layer_class]:
+        raise ValueError(f"the LLM's model_type {model_type!r} ({type(llm).__name__}) should have decoder layers of "
+                         f"class {layer_class}; its decoder has {found}")
     return layers
+
+
+def layer_points(layer: nn.Module) -> dict[str, str]:
+    """The point -> submodule table of a decoder layer's family; a layer of another class (built by hand, as tests do)
+    is hooked at LLaMA's points (`decoder_layers` admits no LLM of another family)."""
+    return _POINTS_OF_LAYER_CLASS.get(type(layer).__name__, PRE_NORM_POINTS)
 
 
 class VisualMemory:
@@ -52,8 +94,9 @@ class VisualMemory:
         """Hook each decoder layer (index = its position in `layers`); returns the new handles."""
         if self._handles:
             raise RuntimeError("this visual memory is attached already; detach() it first")
-        query_module, add_module = POINT_MODULES[self.query_from], POINT_MODULES[self.add_to]
         for index, layer in enumerate(layers):
+            points = layer_points(layer)
+            query_module, add_module = points[self.query_from], points[self.add_to]
             if self.query_from.endswith("_in") and query_module == add_module:
                 # Query and addition on the same module: one hook sees both its input and its output.
                 hook = getattr(layer, add_module).register_forward_hook(self._fuse_hook(index, True), with_kwargs=True)
@@ -73,7 +116,6 @@ class VisualMemory:
     def observe_queries(self, observer: QueryObserver) -> list[RemovableHandle]:
         """Call observer(layer index, query, activated keys) each time a hooked layer reads its query while the memory
         holds a batch (e.g. to draw what the adaptive drop keeps); remove the returned handles when done."""
-        module_name = POINT_MODULES[self.query_from]
 
         def hook_for(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -83,8 +125,9 @@ class VisualMemory:
 
             return hook
 
-        return [getattr(layer, module_name).register_forward_pre_hook(hook_for(index), with_kwargs=True)
-                for index, layer in enumerate(self.layers)]
+        query_modules = [getattr(layer, layer_points(layer)[self.query_from]) for layer in self.layers]
+        return [module.register_forward_pre_hook(hook_for(index), with_kwargs=True)
+                for index, module in enumerate(query_modules)]
 
     def _capture_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

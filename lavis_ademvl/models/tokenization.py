@@ -1,4 +1,10 @@
-"""Tokenizer loading, including a file-free byte-level tokenizer for randomly initialised test models."""
+"""Tokenizer loading, including a file-free byte-level tokenizer for randomly initialised test models.
+
+The model writes `<bos>? image-prefix [slot] prompt cue answer <eos>` (processing.py) and reads three special tokens:
+BOS, prepended when it is not None; eos, which ends every answer; pad, the (masked) filler of left padding and of the
+image slots. `load_tokenizer` makes them follow the LLM's own conventions, and never adds a token: a new id would lie
+outside the frozen LLM's embedding.
+"""
 from __future__ import annotations
 
 import os
@@ -35,5 +41,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} defines no eos token")
     if tokenizer.pad_token_id is None:
+        # LLaMA-3 and Mistral define none. Padding and slot fillers are masked out of attention and loss, so any id of
+        # the vocabulary serves; eos exists in every tokenizer that gets here.
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token_id is not None and tokenizer("").input_ids[:1] != [tokenizer.bos_token_id]:
+        # Sequences start with BOS only where the LLM's own tokenizer starts them with it (LLaMA, Mistral and Gemma
+        # do); some name a BOS that they never add (SmolLM2's <|im_start|>); Qwen names none.
+        tokenizer.bos_token = None
     return tokenizer

@@ -20,8 +20,6 @@ from transformers import (
     AutoModelForCausalLM,
     CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -32,7 +30,8 @@ from lavis_ademvl.models.tokenization import load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Shapes of the hub checkpoints named by our configs (their config.json values).
+# Shapes of the hub checkpoints named by our configs (their config.json values; `model_type` picks the class, default
+# llama, as in `llm_config`).
 _LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "vocab_size": 32000}
 KNOWN_LLM_SHAPES = {
@@ -40,6 +39,13 @@ KNOWN_LLM_SHAPES = {
     "meta-llama/Llama-2-7b-hf": {**_LLAMA_7B, "max_position_embeddings": 4096},
     "huggyllama/llama-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
                              "num_attention_heads": 40, "vocab_size": 32000},
+    "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                   "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 8192},
+    "Qwen/Qwen2.5-7B": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                        "rope_theta": 1000000.0, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                        "tie_word_embeddings": False},
 }
 KNOWN_VISION_SHAPES = {
     "openai/clip-vit-large-patch14": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
@@ -129,7 +135,7 @@ def load_llm(
         if config is not None:
             raise ValueError("llm_device_map needs pretrained weights (llm_model), not a random llm_config")
         # Hugging Face/accelerate place the decoder layers over the listed devices ("auto": all visible GPUs).
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), torch_dtype=dtype, device_map=device_map)
+        return load_complete(AutoModelForCausalLM, "llm_model", name_or_path, torch_dtype=dtype, device_map=device_map)
     if quantization is not None:
         if config is not None:
             raise ValueError("llm_quantization needs pretrained weights (llm_model), not a random llm_config")
@@ -137,13 +143,20 @@ def load_llm(
             raise RuntimeError(f"llm_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU leave it null")
         quantization_config = _quantization_config(quantization, dtype)
         # On this process's GPU: under torchrun every rank holds its own quantized copy.
-        return AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path), torch_dtype=dtype, quantization_config=quantization_config,
-            device_map={"": device.index},
-        )
+        return load_complete(AutoModelForCausalLM, "llm_model", name_or_path, torch_dtype=dtype,
+                             quantization_config=quantization_config, device_map={"": device.index})
     if config is not None:
-        return random_tower(lambda: LlamaForCausalLM(LlamaConfig(**config)), dtype, device)
+        return random_tower(lambda: AutoModelForCausalLM.from_config(llm_config(**config)), dtype, device)
     return _pretrained(AutoModelForCausalLM, "llm_model", name_or_path, dtype, device)
+
+
+def llm_config(model_type: str = "llama", **values: Any) -> PretrainedConfig:
+    """The configuration of a random LLM (`llm_config`) or a built-in shape: `AutoConfig.for_model(model_type, ...)`,
+    any decoder type Hugging Face knows (LLaMA by default, so the configs written before the key build what they did)."""
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError as error:
+        raise ValueError(f"llm_config.model_type={model_type!r} is no Hugging Face model type: {error}") from error
 
 
 def load_vision_tower(
@@ -169,13 +182,44 @@ def random_tower(build: Callable[[], PreTrainedModel], dtype: torch.dtype, devic
 
 
 def _pretrained(model_cls: type, key: str, name_or_path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    name_or_path = os.path.expanduser(name_or_path)
     # On a GPU the weights load straight onto it; on the CPU a device map would only mark the model as dispatched.
     placement = {"device_map": {"": device.index}} if device.type == "cuda" else {}
+    return load_complete(model_cls, key, name_or_path, torch_dtype=dtype, **placement)
+
+
+# The config model types each tower class loads; the checkpoint of another (a DINOv2 or SigLIP folder) would load as a
+# randomly initialised CLIP with only a log line from Hugging Face.
+TOWER_MODEL_TYPES = {CLIPVisionModel: ("clip", "clip_vision_model")}
+# Weights a checkpoint may hold beside the tower a class loads: a whole CLIP's text tower and projections.
+OTHER_TOWER_WEIGHTS = {CLIPVisionModel: ("text_model.", "text_projection.", "visual_projection.", "logit_scale")}
+
+
+def load_complete(model_cls: type, key: str, name_or_path: str, **options: Any) -> PreTrainedModel:
+    """`model_cls.from_pretrained(name_or_path, **options)`, refusing a checkpoint that does not load completely: a
+    config of another model type, or weights missing (they would start random), unexpected or of another shape; the
+    error names the folder and the keys."""
+    name_or_path = os.path.expanduser(name_or_path)
     try:
-        return model_cls.from_pretrained(name_or_path, torch_dtype=dtype, **placement)
+        accepted = TOWER_MODEL_TYPES.get(model_cls)
+        if accepted is not None:
+            model_type = AutoConfig.from_pretrained(name_or_path).model_type
+            if model_type not in accepted:
+                raise ValueError(f"model.{key}={name_or_path!r} holds a {model_type!r} model, not one of {accepted} that "
+                                 f"{model_cls.__name__} loads; it would start from random weights")
+        model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **options)
     except OSError as error:
         raise OSError(f"model.{key}={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+    others = OTHER_TOWER_WEIGHTS.get(model_cls, ())
+    problems = {
+        "missing (they would start random)": info["missing_keys"],
+        "unexpected": [name for name in info["unexpected_keys"] if not name.startswith(others)],
+        "of another shape": [entry[0] for entry in info["mismatched_keys"]],
+    }
+    found = [f"{kind}: {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})" for kind, keys in problems.items() if keys]
+    if found:
+        raise ValueError(f"model.{key}={name_or_path!r} does not load completely into {model_cls.__name__}; weights "
+                         + "; ".join(found))
+    return model
 
 
 def freeze_llm(llm: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
@@ -215,7 +259,9 @@ def num_patches(tower: CLIPVisionModel) -> int:
 # ---------------------------------------------------------------------- shapes only
 
 
-def _shape_config(name: str | None, config: dict | None, known: dict, config_cls: type, key: str) -> PretrainedConfig:
+def _shape_config(
+    name: str | None, config: dict | None, known: dict, config_cls: Callable[..., PretrainedConfig], key: str
+) -> PretrainedConfig:
     if config is not None:
         return config_cls(**config)
     if name is None:
@@ -234,12 +280,12 @@ def _shape_config(name: str | None, config: dict | None, known: dict, config_cls
 
 def meta_towers(config: AdemVLConfig) -> tuple[PreTrainedModel, CLIPVisionModel | None]:
     """The LLM and vision tower of a model config with every tensor on the meta device (shapes only)."""
-    llm_config = _shape_config(config.llm_model, config.llm_config, KNOWN_LLM_SHAPES, LlamaConfig, "llm_model")
+    llm_shape = _shape_config(config.llm_model, config.llm_config, KNOWN_LLM_SHAPES, llm_config, "llm_model")
     vision_config = None
     if config.fusion != "none":
         vision_config = _shape_config(config.vision_model, config.vision_config, KNOWN_VISION_SHAPES,
                                       CLIPVisionConfig, "vision_model")
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(llm_config)
+        llm = AutoModelForCausalLM.from_config(llm_shape)
         vision = CLIPVisionModel(vision_config) if vision_config is not None else None
     return llm, vision

@@ -1,0 +1,77 @@
+"""Never a silently random tower (issue #25): a checkpoint folder whose weights do not all load into the class that
+reads it, or that holds another model type, is an error naming the folder and the keys. Hugging Face itself only logs
+"newly initialized" weights and trains on."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_batch, tiny_config, tiny_model
+from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+VISION = tiny_config()["vision_config"]
+
+
+def edit_weights(folder, edit) -> None:
+    """Rewrite the folder's safetensors file as Hugging Face writes it, after `edit(weights)`."""
+    (path,) = folder.glob("*.safetensors")
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def vision_folder(tmp_path, name="clip"):
+    folder = tmp_path / name
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(folder)
+    return folder
+
+
+def test_a_complete_clip_folder_loads(tmp_path):
+    model = tiny_model(vision_model=str(vision_folder(tmp_path)), vision_config=None)
+    assert torch.isfinite(model(make_batch())["loss"])
+
+
+def test_a_whole_clip_checkpoint_loads_its_vision_tower(tmp_path):
+    """openai/clip-vit-large-patch14 holds the text tower too: those weights are not the vision tower's to load."""
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 99}
+    CLIPModel(CLIPConfig(vision_config=VISION, text_config=text)).save_pretrained(tmp_path / "whole")
+    saved = load_file(next((tmp_path / "whole").glob("*.safetensors")))
+    model = tiny_model(vision_model=str(tmp_path / "whole"), vision_config=None)
+    for name, value in model.vision_tower.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_clip_folder_missing_one_weight_is_refused(tmp_path):
+    folder = vision_folder(tmp_path)
+    edit_weights(folder, lambda weights: weights.pop("vision_model.post_layernorm.weight"))
+    expected = (rf"model.vision_model='{folder}' does not load completely into CLIPVisionModel; "
+                r"weights missing \(they would start random\): \['vision_model.post_layernorm.weight'\]")
+    with pytest.raises(ValueError, match=expected):
+        tiny_model(vision_model=str(folder), vision_config=None)
+
+
+def test_a_clip_folder_with_a_foreign_weight_is_refused(tmp_path):
+    folder = vision_folder(tmp_path)
+    edit_weights(folder, lambda weights: weights.update({"vision_model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"weights unexpected: \['vision_model.extra.weight'\]"):
+        tiny_model(vision_model=str(folder), vision_config=None)
+
+
+def test_a_dinov2_folder_never_loads_as_a_random_clip(tmp_path):
+    folder = tmp_path / "dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)).save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"model.vision_model='{folder}' holds a 'dinov2' model"):
+        tiny_model(vision_model=str(folder), vision_config=None)
+
+
+def test_an_llm_folder_missing_one_weight_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llm"
+    LlamaForCausalLM(LlamaConfig(**tiny_config()["llm_config"])).save_pretrained(folder)
+    edit_weights(folder, lambda weights: weights.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match=r"model.llm_model=.* does not load completely into AutoModelForCausalLM; weights "
+                                         r"missing \(they would start random\): \['model.layers.1.mlp.down_proj.weight'\]"):
+        tiny_model(llm_model=str(folder), llm_config=None)
