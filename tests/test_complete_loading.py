@@ -75,3 +75,18 @@ def test_an_llm_folder_missing_one_weight_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model.llm_model=.* does not load completely into AutoModelForCausalLM; weights "
                                          r"missing \(they would start random\): \['model.layers.1.mlp.down_proj.weight'\]"):
         tiny_model(llm_model=str(folder), llm_config=None)
+
+
+def test_a_gemma2_folder_loads_with_the_attention_that_computes_its_softcapping(tmp_path):
+    """SDPA, Hugging Face's default, skips Gemma-2's attention logit softcapping: a silently different model."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    folder = tmp_path / "gemma2"
+    llm = tiny_config()["llm_config"]
+    config = Gemma2Config(vocab_size=llm["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                          pad_token_id=256, bos_token_id=257, eos_token_id=258)
+    Gemma2ForCausalLM(config).save_pretrained(folder)
+    model = tiny_model(llm_model=str(folder), llm_config=None)
+    assert model.llm.config._attn_implementation == "eager"
+    assert torch.isfinite(model(make_batch())["loss"])

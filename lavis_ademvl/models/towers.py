@@ -190,6 +190,8 @@ def _pretrained(model_cls: type, key: str, name_or_path: str, dtype: torch.dtype
 # The config model types each tower class loads; the checkpoint of another (a DINOv2 or SigLIP folder) would load as a
 # randomly initialised CLIP with only a log line from Hugging Face.
 TOWER_MODEL_TYPES = {CLIPVisionModel: ("clip", "clip_vision_model")}
+# Families that only the eager attention computes in full: SDPA and flash attention skip Gemma-2's logit softcapping.
+EAGER_ATTENTION = ("gemma2",)
 # Weights a checkpoint may hold beside the tower a class loads: a whole CLIP's text tower and projections.
 OTHER_TOWER_WEIGHTS = {CLIPVisionModel: ("text_model.", "text_projection.", "visual_projection.", "logit_scale")}
 
@@ -200,12 +202,13 @@ def load_complete(model_cls: type, key: str, name_or_path: str, **options: Any) 
     error names the folder and the keys."""
     name_or_path = os.path.expanduser(name_or_path)
     try:
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
         accepted = TOWER_MODEL_TYPES.get(model_cls)
-        if accepted is not None:
-            model_type = AutoConfig.from_pretrained(name_or_path).model_type
-            if model_type not in accepted:
-                raise ValueError(f"model.{key}={name_or_path!r} holds a {model_type!r} model, not one of {accepted} that "
-                                 f"{model_cls.__name__} loads; it would start from random weights")
+        if accepted is not None and model_type not in accepted:
+            raise ValueError(f"model.{key}={name_or_path!r} holds a {model_type!r} model, not one of {accepted} that "
+                             f"{model_cls.__name__} loads; it would start from random weights")
+        if model_type in EAGER_ATTENTION:
+            options.setdefault("attn_implementation", "eager")
         model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **options)
     except OSError as error:
         raise OSError(f"model.{key}={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
