@@ -79,8 +79,9 @@ def question_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
 
 def read_question(args: argparse.Namespace) -> Question:
     """The question of the command line; a bad image fails here, before any weights are loaded."""
-    if args.instruction is not None and (args.question or args.choices):
-        raise ValueError("--instruction is asked alone: leave out --question and --choices")
+    if args.instruction is not None and (args.question or args.choices or args.context or args.caption):
+        raise ValueError("--instruction is asked alone: leave out --question, --choices, --context and --caption "
+                         "(write a hint or caption into the instruction itself)")
     image = load_image(args.image) if args.image else None
     return Question(image, args.question, list(args.choices), args.context, args.caption, args.instruction)
 

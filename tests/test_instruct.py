@@ -147,6 +147,46 @@ def test_malformed_all_data_entries_fail_when_built(tmp_path):
         build(root, "datasets.ademvl_instruct.build_info.format=sharegpt")
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("answer", None, r"all_data.json: entry 'alpaca_0': answer is None; it must be a non-empty string"),
+        ("instruction", None, r"entry 'alpaca_0': instruction is None; it must be a non-empty string"),
+        ("answer", ["The", "square"], r"entry 'alpaca_0': answer is \['The', 'square'\]; it must be a non-empty string"),
+        ("answer", "", r"entry 'alpaca_0': answer is ''; it must be a non-empty string"),
+        ("image", 9, r"entry 'alpaca_0': image is 9; it must be a non-empty string"),
+        ("qid", None, r"entry None: qid is None; it must be a non-empty string"),
+    ],
+)
+def test_all_data_entries_of_the_wrong_type_are_named(tmp_path, field, value, message):
+    """A null or list was read with str() and trained on as the text "None" or "['The', 'square']"."""
+    root = make_all_data(tmp_path)
+    data = json.loads((root / "all_data.json").read_text())
+    data["all"][0][field] = value
+    (root / "all_data.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        build(root)
+
+
+@pytest.mark.parametrize(
+    "turn, value, message",
+    [
+        (1, None, r"llava_instruct_150k.json: entry '000000000009': turn 1's `value` is None; it must be a non-empty string"),
+        (1, ["It", "is", "green."], r"entry '000000000009': turn 1's `value` is \['It', 'is', 'green.'\]"),
+        (0, "  ", r"entry '000000000009': turn 0's `value` is '  '; it must be a non-empty string"),
+    ],
+)
+def test_llava_turns_of_the_wrong_type_are_named(tmp_path, turn, value, message):
+    entries = json.loads(json.dumps(LLAVA_ENTRIES))
+    entries[0]["conversations"][turn]["value"] = value
+    with pytest.raises(ValueError, match=message):
+        build(make_llava(tmp_path, entries), *LLAVA_OPTIONS)
+    entries = json.loads(json.dumps(LLAVA_ENTRIES))
+    entries[1]["image"] = ["000000000025.jpg"]
+    with pytest.raises(ValueError, match=r"entry '000000000025': image is \['000000000025.jpg'\]"):
+        build(make_llava(tmp_path, entries), *LLAVA_OPTIONS)
+
+
 @pytest.mark.parametrize("layout", ["all_data", "llava"])
 def test_instruction_tuning_trains_two_iterations(tmp_path, layout):
     if layout == "all_data":

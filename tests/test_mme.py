@@ -50,6 +50,19 @@ def test_bad_mme_copies_are_named(tmp_path):
         build(root, "datasets.ademvl_mme.build_info.subtasks=[artwork]")
 
 
+@pytest.mark.parametrize(
+    "subtask, image, questions",
+    [("existence", "existence/0001.jpg", "existence/0001.txt"),
+     ("artwork", "artwork/images/0001.jpg", "artwork/questions_answers_YN/0001.txt")],
+)
+def test_an_mme_image_without_its_question_file_is_named(tmp_path, subtask, image, questions):
+    """Such an image was skipped, and its subtask scored on fewer images than MME's."""
+    root = make_mme(tmp_path)
+    (root / questions).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"MME subtask {subtask}: image .*/{image} has no question file .*/{questions}"):
+        build(root, f"datasets.ademvl_mme.build_info.subtasks=[{subtask}]")
+
+
 def record(subtask, image, index, answer, output):
     return {"question_id": f"{subtask}/{image}/{index}", "subtask": subtask, "image_name": image,
             "question": f"q{index} of {image}?", "answer": answer, "output": output}

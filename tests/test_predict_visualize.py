@@ -89,6 +89,9 @@ def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
         (["--image", "missing.png"], "image not found: missing.png"),
         (["--image", "{bad}"], "cannot read image"),
         (["--image", "{good}"], "give --question and --choices"),
+        # --context and --caption were ignored by an instruction: refused before any weights are loaded
+        (["--instruction", "Describe it.", "--context", "A hint."], "--instruction is asked alone"),
+        (["--image", "{good}", "--instruction", "Describe it.", "--caption", "A square."], "--instruction is asked alone"),
     ],
 )
 def test_predict_bad_inputs(image_file, tmp_path, capsys, extra, message):

@@ -2,11 +2,15 @@
 result, or failed with a raw traceback or a misleading message."""
 from __future__ import annotations
 
-import errno
 import json
 import os
+import resource
 import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -60,6 +64,40 @@ def test_runs_started_in_the_same_second_get_their_own_job_folders(experiment):
     assert second.output_dir.name == f"{experiment.job_id}_1"
 
 
+def test_a_job_folder_is_held_by_one_run_at_a_time(experiment, sqa_root, tmp_path):
+    """Two resumes of one checkpoint both ran in its folder, one's checkpoint_latest.pth replacing the other's. A lock
+    naming a live process refuses a resume; one left by a dead process is taken over; a run removes its own at its end,
+    also when it fails."""
+    first = experiment.build_runner()
+    first._save_checkpoint(0, name="latest")
+    job, lock = first.output_dir, first.output_dir / "job.lock"
+    assert json.loads(lock.read_text())["pid"] == os.getpid()  # a fresh run holds its folder too
+    first.release_job_folder()
+    assert not lock.exists()
+    resume = sqa_options(sqa_root, tmp_path / "out", "run.max_epoch=2", "run.valid_splits=[]",
+                         f"run.resume_ckpt_path={job / 'checkpoint_latest.pth'}")
+    other = subprocess.Popen(["sleep", "120"])  # the process of another run in the folder, still training
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "started": "2026-01-01T00:00:00"}))
+        held = lock.read_text()
+        with pytest.raises(RunFailed, match=rf"another run holds the job folder {job}: pid {other.pid} on .*, started 2026"):
+            prepare(TINY_SQA, resume).build_runner()
+        refused = run_module("lavis_ademvl.train", TINY_SQA, resume, tmp_path, check=False)
+        assert refused.returncode == 1 and f"error: another run holds the job folder {job}" in refused.stderr
+        assert lock.read_text() == held  # the refused run leaves the holder's lock alone
+    finally:
+        other.kill()
+        other.wait()
+    # Its holder died without removing it: taken over with a warning, and removed when this run fails.
+    failed = run_module("lavis_ademvl.train", TINY_SQA, [*resume, "run.valid_splits=[nosuchsplit]"], tmp_path, check=False)
+    assert failed.returncode == 2 and "nosuchsplit" in failed.stderr
+    assert f"taking over the job folder {job}: its lock {lock} was left by pid {other.pid}" in failed.stdout + failed.stderr
+    assert not lock.exists()
+    run_module("lavis_ademvl.train", TINY_SQA, resume, tmp_path)
+    assert not lock.exists()
+    assert torch.load(job / "checkpoint_latest.pth", weights_only=True)["epoch"] == 1
+
+
 # ------------------------------------------------------------------ 3. NaN loss, non-finite weights, failed writes
 
 
@@ -88,19 +126,34 @@ def test_non_finite_weights_never_replace_a_checkpoint(experiment):
     assert not list(runner.output_dir.glob("*.partial"))
 
 
-@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EACCES])
-def test_a_failed_checkpoint_write_names_the_path_and_leaves_no_partial_file(experiment, monkeypatch, failure):
+def test_a_full_disk_ends_the_run_naming_the_checkpoint_and_leaving_no_partial_file(sqa_root, tmp_path):
+    """A real failed write: a file-size limit below the checkpoint's size makes its write fail with EFBIG, as a full
+    disk fails it with ENOSPC (torch's own writer turned both into a RuntimeError and a traceback)."""
+
+    def limit_file_size():  # in the child: the write fails instead of the process being killed
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    options = sqa_options(sqa_root, tmp_path / "out", "run.max_epoch=1", "run.valid_splits=[]")  # logs < 32 kB < checkpoint
+    command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(TINY_SQA), "--options", *options]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                            preexec_fn=limit_file_size)
+    (job,) = (tmp_path / "out").iterdir()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"error: cannot write checkpoint {job}/checkpoint_0.pth: File too large" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(job.glob("*.pth*"))
+
+
+def test_a_job_folder_gone_at_a_save_ends_the_run_naming_the_checkpoint(experiment):
+    """Its path now a regular file (root writes anywhere else, so no permission bits would stop the test)."""
     runner = experiment.build_runner()
-
-    def failing_save(obj, path):
-        with open(path, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise OSError(failure, os.strerror(failure), str(path))
-
-    monkeypatch.setattr(runner_ademvl.torch, "save", failing_save)
-    with pytest.raises(RunFailed, match=rf"cannot write checkpoint {runner.output_dir}/checkpoint_latest.pth"):
+    shutil.rmtree(runner.output_dir)
+    runner.output_dir.write_text("not a folder")
+    with pytest.raises(RunFailed, match=rf"cannot write checkpoint {runner.output_dir}/checkpoint_latest.pth: Not a directory"):
         runner._save_checkpoint(0, name="latest")
-    assert not list(runner.output_dir.glob("checkpoint_latest.pth*"))
+    assert runner.output_dir.read_text() == "not a folder"
 
 
 def test_an_unwritable_output_dir_is_named(sqa_root, tmp_path):

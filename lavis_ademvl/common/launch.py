@@ -129,7 +129,11 @@ def lavis_script(
     @entry_point
     def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
-        action(prepare(args.cfg_path, args.options, evaluating).build_runner())
+        runner = prepare(args.cfg_path, args.options, evaluating).build_runner()
+        try:
+            action(runner)
+        finally:  # also when the run fails; LAVIS's own runners hold no lock
+            getattr(runner, "release_job_folder", lambda: None)()
         finish()
 
     return main

@@ -10,12 +10,14 @@ Differences from LAVIS 1.0.2's `runner_base` (each fixes a problem of that relea
   `checkpoint_latest.pth`, so a resumed run continues exactly where the interrupted one stopped;
 - checkpoints hold the trainable weights only and load with `weights_only=True` (`common.checkpoints`); a missing
   trainable key is an error;
-- `output_dir` is relative to the working directory, and a resumed run keeps writing to its checkpoint's folder.
+- `output_dir` is relative to the working directory, and a resumed run keeps writing to its checkpoint's folder,
+  which it holds alone (`common.job_lock`).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import logging
 import math
@@ -36,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.cli import RunFailed
 from lavis_ademvl.common.dist import broadcast_from_main, resolve_device
+from lavis_ademvl.common.job_lock import lock_job_folder
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.results import EVALUATED_CHECKPOINT
 from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
@@ -69,10 +72,17 @@ class RunnerAdemVL(RunnerBase):
             result_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise RunFailed(f"cannot create the run folder {result_dir}: {error.strerror or error}") from error
+        # The main process holds the folder for the run: a second resume of the same checkpoint is refused.
+        self.job_lock = lock_job_folder(output_dir) if is_main_process() else None
         # LAVIS registers paths once per process; a second runner in the same process replaces them.
         registry.mapping["paths"]["output_dir"] = str(output_dir)
         registry.mapping["paths"]["result_dir"] = str(result_dir)
         self.output_dir, self.result_dir = output_dir, result_dir
+
+    def release_job_folder(self) -> None:
+        """Let another run use the job folder (at the end of the run, also a failed one)."""
+        if self.job_lock is not None:
+            self.job_lock.release()
 
     @property
     def seed(self) -> int:
@@ -336,11 +346,17 @@ class RunnerAdemVL(RunnerBase):
         if non_finite:  # never replace a good resume point with broken weights
             raise RunFailed(f"epoch {cur_epoch}: not saving {path}: the weights {non_finite[:8]} hold NaN or inf")
         partial = path.with_suffix(".pth.partial")
+        # Serialized in memory and written by Python: torch's own file writer reports a full disk or a missing folder
+        # as a RuntimeError without the OS's reason ("unexpected pos 704 vs 598"); Python's writes raise the OSError.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         try:
-            torch.save(checkpoint, partial)
+            with open(partial, "wb") as handle:
+                handle.write(buffer.getbuffer())
             os.replace(partial, path)  # an interrupted save never leaves a truncated checkpoint behind
         except OSError as error:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # nothing to remove where the folder itself is gone
+                partial.unlink()
             raise RunFailed(f"cannot write checkpoint {path}: {error.strerror or error}") from error
         logging.info("Saved epoch %d checkpoint to %s", cur_epoch, path)
 

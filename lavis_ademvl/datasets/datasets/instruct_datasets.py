@@ -65,6 +65,14 @@ class MalformedEntry(ValueError):
         super().__init__(f"{path}: entry {entry_id!r}: {problem}")
 
 
+def check_text(path: Path, entry_id: Any, field: str, value: Any) -> str:
+    """`value` if it is a non-empty string; anything else is refused, since str() of a JSON null, number or list
+    would be trained on as text ("None", "['The', 'square']")."""
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedEntry(path, entry_id, f"{field} is {value!r}; it must be a non-empty string")
+    return value
+
+
 def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -87,16 +95,18 @@ def all_data_conversations(path: Path, split: str, data_root: Path) -> list[Conv
         missing = [key for key in ALL_DATA_KEYS if not isinstance(entry, dict) or key not in entry]
         if missing:
             raise MalformedEntry(path, entry_id, f"missing key(s) {missing}; an entry needs {list(ALL_DATA_KEYS)}")
+        qid = check_text(path, entry_id, "qid", entry["qid"])
+        turns = [(check_text(path, qid, "instruction", entry["instruction"]), check_text(path, qid, "answer", entry["answer"]))]
         image = None
         if entry["image"] is not None:
+            check_text(path, qid, "image", entry["image"])
             if entry["image_source"] == SQA_SOURCE:
-                image = data_root / "images" / "train" / str(entry["qid"]) / "image.png"
+                image = data_root / "images" / "train" / qid / "image.png"
             else:
                 image = data_root / "cocoimages" / "train" / f"COCO_train2014_{entry['image']}"
             if not image.is_file():
-                raise MalformedEntry(path, entry_id, f"image not found: {image}")
-        turns = [(str(entry["instruction"]), str(entry["answer"]))]
-        conversations.append(Conversation(str(entry["qid"]), turns, None if image is None else str(image)))
+                raise MalformedEntry(path, qid, f"image not found: {image}")
+        conversations.append(Conversation(qid, turns, None if image is None else str(image)))
     return conversations
 
 
@@ -117,13 +127,12 @@ def llava_conversations(path: Path, image_dir: Path) -> list[Conversation]:
                 raise MalformedEntry(path, entry_id, f"turn {number} is from {role!r}; allowed: {list(LLAVA_ROLES)}")
             if role != LLAVA_ROLES[number % 2]:
                 raise MalformedEntry(path, entry_id, f"turn {number} is from {role!r}: turns alternate human, gpt")
-            if not isinstance(turn.get("value"), str):
-                raise MalformedEntry(path, entry_id, f"turn {number} has no text `value`")
+            check_text(path, entry_id, f"turn {number}'s `value`", turn.get("value"))
         if len(turns) % 2:
             raise MalformedEntry(path, entry_id, "the last human turn has no gpt answer")
         image = None
-        if entry.get("image"):
-            image = image_dir / str(entry["image"])
+        if entry.get("image") is not None:
+            image = image_dir / check_text(path, entry_id, "image", entry["image"])
             if not image.is_file():
                 raise MalformedEntry(path, entry_id, f"image not found: {image}")
         pairs = [(conversation_prompt(turns[i]["value"]), turns[i + 1]["value"]) for i in range(0, len(turns), 2)]

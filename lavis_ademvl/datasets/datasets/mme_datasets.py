@@ -77,6 +77,10 @@ def read_subtask(root: Path, subtask: str) -> list[MMEQuestion]:
             questions.append(MMEQuestion(subtask, image.name, str(image), fields[0], fields[1].strip(), index))
     if not questions:
         raise FileNotFoundError(f"MME subtask {subtask}: no question files (*.txt) in {questions_dir}")
+    # An image without its questions would leave its subtask scored on fewer images than MME's.
+    for image in sorted(images_dir.iterdir()):
+        if image.suffix in IMAGE_SUFFIXES and not (questions_dir / f"{image.stem}.txt").is_file():
+            raise FileNotFoundError(f"MME subtask {subtask}: image {image} has no question file {questions_dir / image.stem}.txt")
     return questions
 
 
