@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lavis_ademvl.common.job_lock import pid_alive
+
 MARKER = ".complete"
 
 
@@ -91,18 +93,8 @@ def _remove_stale_partials(out_dir: Path) -> None:
         rest = path.name[len(f".{out_dir.name}.partial-") :]
         owner, _, tail = rest.rpartition("-")  # owner = "<host>-<pid>"
         path_host, _, pid = owner.rpartition("-")
-        if path_host != host or not pid.isdigit() or _alive(int(pid)):
+        if path_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
     for path in out_dir.parent.glob(f".{out_dir.name}.old-*"):
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
