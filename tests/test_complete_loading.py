@@ -58,11 +58,25 @@ def test_a_clip_folder_with_a_foreign_weight_is_refused(tmp_path):
         tiny_model(vision_model=str(folder), vision_config=None)
 
 
-def test_a_dinov2_folder_never_loads_as_a_random_clip(tmp_path):
+def test_a_dinov2_folder_loads_as_dinov2_never_as_a_random_clip(tmp_path):
+    """Before the tower families, CLIP's class loaded it with random weights and a log line only."""
     folder = tmp_path / "dinov2"
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)).save_pretrained(folder)
-    with pytest.raises(ValueError, match=rf"model.vision_model='{folder}' holds a 'dinov2' model"):
+    saved = Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8))
+    saved.save_pretrained(folder)
+    model = tiny_model(vision_model=str(folder), vision_config=None)
+    assert isinstance(model.vision_tower, Dinov2Model)
+    for name, value in model.vision_tower.state_dict().items():
+        torch.testing.assert_close(value, saved.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_folder_whose_weights_are_another_familys_is_refused(tmp_path):
+    """A config naming CLIP over DINOv2's weights: every CLIP weight would start random."""
+    folder = tmp_path / "dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+                ).save_pretrained(folder)
+    (folder / "config.json").write_text(CLIPVisionConfig(**VISION).to_json_string())
+    with pytest.raises(ValueError, match=r"does not load completely into CLIPVisionModel; weights missing"):
         tiny_model(vision_model=str(folder), vision_config=None)
 
 

@@ -7,15 +7,19 @@ import re
 
 import pytest
 import torch
+from cli import TINY_SQA
 from helpers import make_batch, tiny_config
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
 
-from lavis_ademvl import params
+from lavis_ademvl import params, predict
+from lavis_ademvl.inference import Question, load_for_inference, question_batch
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool
 from lavis_ademvl.models.memory import DECODER_FAMILIES, decoder_layers
-from lavis_ademvl.models.towers import vision_features
+from lavis_ademvl.models.towers import llm_config
+from lavis_ademvl.tasks.scienceqa import answer_questions
 
 VOCAB = 320  # the byte-level tokenizer's 256 bytes and specials, and unused rows (as Qwen's embedding has)
 _SHAPE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -195,7 +199,7 @@ def test_alpha_zero_gives_the_bare_llm(family, device):
 def reference_memory(model: AdemVL, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys before the activation and values, from the model's trainable modules (design §2)."""
     config = model.config
-    features = vision_features(model.vision_tower, batch["image"])
+    features = model.get_image_features(batch["image"])
     pooled = multiscale_pool(features[:, 1:], config.down_sample_num, config.pooling)
     has_image = batch["has_image"].to(features.dtype).view(-1, 1, 1)
     x_v = config.beta * model.visual_proj(pooled) * has_image
@@ -315,3 +319,31 @@ def test_parameter_report_of_the_model_types(model_type, trainable, llm, layers,
     out = capsys.readouterr().out
     for label, value in (("total trainable", trainable), ("LLM", llm), ("fused decoder layers", layers)):
         assert re.search(rf"^ *{label} +{value}$", out, re.MULTILINE), (label, out)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_predict_loads_each_family_folder_and_answers_as_the_task_does(model_type, tmp_path, capsys):
+    """The user's path: an LLM folder (weights and the family's tokenizer) named by `model.llm_model`, a checkpoint,
+    `predict`; its answer is the ScienceQA task's own evaluation of the same question."""
+    config = family_config(model_type, tmp_path / "llm")
+    saved = AutoModelForCausalLM.from_config(llm_config(**config["llm_config"]))
+    saved.save_pretrained(tmp_path / "llm")
+    options = [f"model.llm_model={tmp_path / 'llm'}", "model.llm_config=null", f"model.tokenizer={tmp_path / 'llm'}",
+               "run.inference_method=rank"]
+    model, processor, experiment = load_for_inference(TINY_SQA, None, options)
+    for name, value in model.llm.state_dict().items():
+        torch.testing.assert_close(value, saved.state_dict()[name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        model.visual_value_offset.normal_(0, 1, generator=torch.Generator().manual_seed(3))
+    checkpoint = tmp_path / "checkpoint_0.pth"
+    torch.save({"model": model.trainable_state_dict(), "epoch": 0}, checkpoint)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 40), (30, 30, 200)).save(image)
+    choices = ["red", "green", "blue"]
+    assert predict.main(["--cfg-path", str(TINY_SQA), "--checkpoint", str(checkpoint), "--image", str(image),
+                         "--question", "What colour is it?", "--choices", *choices, "--options", *options]) == 0
+    printed = capsys.readouterr().out.strip()
+    model.load_checkpoint(str(checkpoint))
+    batch = question_batch(experiment, processor, Question(Image.open(image), "What colour is it?", choices))
+    _, (letter,) = answer_questions(model.eval(), batch, "rank")
+    assert printed == f"({letter}) {choices['ABC'.index(letter)]}", model_type

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.config import AdemVLConfig, markdown_table
 from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool
-from lavis_ademvl.models.towers import cpu_has_native_bfloat16, vision_features
+from lavis_ademvl.models.towers import cpu_has_native_bfloat16
 
 TRAINABLE_GROUPS = {"visual_key_offset", "visual_value_offset", "visual_proj", "cls_proj", "vision_adapters"}
 
@@ -193,7 +193,7 @@ def test_decoder_layer_adds_the_reference_fusion(device):
         handle.remove()
     mlp_in, fused_out = captured[0]
     with torch.no_grad():
-        features = vision_features(model.vision_tower, batch["image"])
+        features = model.get_image_features(batch["image"])
         pooled = multiscale_pool(features[:, 1:], [16, 4])
         x_v = 0.01 * model.visual_proj(pooled) * torch.tensor([1.0, 0.0], device=device).view(2, 1, 1)
         reference = type(layer.mlp).forward(layer.mlp, mlp_in) + 0.7 * adaptive_cross_attention(

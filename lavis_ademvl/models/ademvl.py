@@ -1,8 +1,9 @@
-"""ADEM-VL: a frozen decoder LLM and a frozen CLIP vision tower joined by parameter-free cross-attention.
+"""ADEM-VL: a frozen decoder LLM and a frozen vision tower (CLIP, SigLIP, DINOv2) joined by parameter-free cross-attention.
 
 The model composes its parts, each in its own module:
 - `config.py`: every option, its default and allowed values (`AdemVLConfig`);
 - `towers.py`: loading and freezing the Hugging Face towers (dtype, quantization, device map, meta-device shapes);
+- `vision_towers.py`: the vision tower families, and the features ADEM-VL reads from them;
 - `modules.py`: the trainable modules (low-rank projections W' and [cls], vision adapters);
 - `checkpoint_keys.py`: the key layouts of the checkpoints it reads (ours, earlier ones, the authors');
 - `memory.py`: the visual memory and the decoder-layer hooks that add the fused feature (`VisualMemory`);
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lavis.models.base_model import BaseModel
 from omegaconf import DictConfig
-from transformers import CLIPVisionModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.registration import register
@@ -44,9 +45,8 @@ from lavis_ademvl.models.towers import (
     load_towers,
     meta_towers,
     model_device,
-    num_patches,
-    vision_features,
 )
+from lavis_ademvl.models.vision_towers import adapter_points, patch_grid, vision_features
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models" / "ademvl"
 # What a forward pass computes once from the images: (activated keys [B,Nv,d], values [B,Nv,d], slot embeddings
@@ -56,7 +56,7 @@ VisualInputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | No
 
 @register("model", "ademvl")
 class AdemVL(BaseModel):
-    """ADEM-VL on a Hugging Face causal LM and CLIP vision tower.
+    """ADEM-VL on a Hugging Face causal LM and vision tower.
 
     Samples: `image` [B,3,H,W], `has_image` [B] (0/1), `text_input` (prompt), optional `answer_cue` (e.g. "Answer: The
     answer is") and, for training, `text_output`; see `AdemVLConfig.truncation` for what is cut from a long sequence.
@@ -71,7 +71,9 @@ class AdemVL(BaseModel):
         "llama13b": str(CONFIG_DIR / "llama13b.yaml"),
         "llama2_7b": str(CONFIG_DIR / "llama2_7b.yaml"),
         "llama3_8b": str(CONFIG_DIR / "llama3_8b.yaml"),
+        "llama3_8b_siglip": str(CONFIG_DIR / "llama3_8b_siglip.yaml"),
         "qwen2_5_7b": str(CONFIG_DIR / "qwen2_5_7b.yaml"),
+        "qwen2_5_7b_siglip": str(CONFIG_DIR / "qwen2_5_7b_siglip.yaml"),
         "smollm2_135m": str(CONFIG_DIR / "smollm2_135m.yaml"),
         "tiny": str(CONFIG_DIR / "tiny.yaml"),
     }
@@ -80,7 +82,7 @@ class AdemVL(BaseModel):
         self,
         llm: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None,
-        vision_tower: CLIPVisionModel | None,
+        vision_tower: PreTrainedModel | None,
         config: AdemVLConfig | None = None,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -107,23 +109,23 @@ class AdemVL(BaseModel):
     # ------------------------------------------------------------------ construction
 
     def _add_vision_modules(self, d_llm: int) -> None:
-        """Vision adapters beside each CLIP block that runs, and the projection W' of the visual features."""
+        """Vision adapters beside each tower block that runs, and the projection W' of the visual features."""
         config, tower = self.config, self.vision_tower
         blocks = freeze_vision_tower(tower, config.vision_gradient_checkpointing)
         width = tower.config.hidden_size
         self.vision_adapters = VisionAdapters(width, len(blocks), config.adapter_dim, config.adapter_scale,
                                               config.adapter_dropout)
-        self.vision_adapters.attach(blocks)
+        self.vision_adapters.attach(blocks, *adapter_points(tower))
         self.visual_proj = LowRankProjection(width, config.hidden_proj, d_llm)
 
     def _add_slot_modules(self, d_llm: int) -> int:
         """The number of visual slot tokens in the LLM input (and the [cls] projection that fills one)."""
         config = self.config
         if config.fusion == "prefix":
-            return num_patches(self.vision_tower) + 1  # LLaVA-style: every CLIP token, projected
+            return self.num_patches + 1  # LLaVA-style: every patch token and [cls], projected
         if config.fusion == "none":
             return 0
-        patches = num_patches(self.vision_tower)
+        patches = self.num_patches
         check_scales(config.down_sample_num, patches)
         if config.num_visual_input_tokens:
             check_scales([config.num_visual_input_tokens], patches)
@@ -199,12 +201,27 @@ class AdemVL(BaseModel):
             self._modules = children
         return self
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the vision tower reads: `image_size`, else the tower config's."""
+        return self.config.image_size or self.vision_tower.config.image_size
+
+    @property
+    def num_patches(self) -> int:
+        """The patch tokens of an image: a square grid of image_size / patch_size on each side."""
+        return patch_grid(self.vision_tower, self.image_size) ** 2
+
+    def get_image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + N, C]: the frozen tower's [cls] feature and N patch features (row-major) of images [B, 3, H, W], read
+        at the input of its last block after its final norm (`vision_towers.vision_features`)."""
+        return vision_features(self.vision_tower, image, self.image_size)
+
     def uneven_scales(self) -> list[int]:
         """The pooled token counts (`down_sample_num`, `num_visual_input_tokens`) whose side does not divide the patch
         grid's: pooled adaptively, whose backward has no deterministic CUDA kernel."""
         if self.vision_tower is None or self.config.fusion != "adem":
             return []
-        grid = math.isqrt(num_patches(self.vision_tower))
+        grid = patch_grid(self.vision_tower, self.image_size)
         scales = list(self.config.down_sample_num)
         if self.config.num_visual_input_tokens:
             scales.append(self.config.num_visual_input_tokens)
@@ -299,7 +316,7 @@ class AdemVL(BaseModel):
             return keys, self.visual_value_offset.to(self.compute_dtype).expand(batch, -1, -1), None
         if image is None:
             raise KeyError("samples need an `image` tensor (placeholder images for text-only samples)")
-        features = vision_features(self.vision_tower, image)
+        features = self.get_image_features(image)
         if config.fusion == "prefix":
             return None, None, self.visual_proj(features)
         slots = []

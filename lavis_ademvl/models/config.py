@@ -66,8 +66,23 @@ class AdemVLConfig:
         "hub name, folder, or `byte_level` (file-free, for random models); null: the LLM's own. BOS only where the "
         "tokenizer adds one itself; without a pad token, eos pads (masked)",
     )
-    vision_model: str | None = option(None, "CLIP vision tower: hub name or local folder (exactly one of it and `vision_config`)")
-    vision_config: dict | None = option(None, "a dict for a randomly initialised `CLIPVisionConfig`")
+    vision_model: str | None = option(
+        None,
+        "vision tower: hub name or local folder of a CLIP, SigLIP (SigLIP2 fixed-resolution) or DINOv2 (with or "
+        "without registers) checkpoint, a whole model's or its vision tower's (docs/backbones.md; exactly one of it "
+        "and `vision_config`)",
+    )
+    vision_config: dict | None = option(
+        None,
+        "a randomly initialised tower: `AutoConfig.for_model(model_type, **rest)`, `model_type` one of "
+        "`clip_vision_model` (default), `siglip_vision_model`, `dinov2`, `dinov2_with_registers`",
+    )
+    image_size: int | None = option(
+        None,
+        "side of the square images the tower reads (the vis_processors' `image_size`); null: the tower config's "
+        "(DINOv2's config says 518, its image processor 224)",
+        minimum=1,
+    )
     llm_dtype: str = option("bfloat16", "dtype of the frozen towers on CUDA (with autocast)", LLM_DTYPES)
     cpu_dtype: str = option(
         "float32",
@@ -148,6 +163,8 @@ class AdemVLConfig:
                 setattr(self, config_field.name, checked_number(config_field.name, value, kind, minimum))
         if self.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device={self.device!r}: use cpu, cuda, cuda:N or auto (or null: the run's device)")
+        if self.image_size is not None:
+            self.image_size = checked_number("image_size", self.image_size, int, minimum=1)
         check_fraction("drop_ratio", self.drop_ratio)
         check_fraction("adapter_dropout", self.adapter_dropout)
         if POINT_ORDER[self.add_to] < POINT_ORDER[self.query_from]:

@@ -27,7 +27,7 @@ class LowRankProjection(nn.Module):
 
 
 class VisionAdapter(nn.Module):
-    """Bottleneck beside a frozen CLIP MLP: mlp_out + scale * fc2(dropout(gelu(fc1(x)))), fc2 starting at zero."""
+    """Bottleneck beside a frozen vision tower block's MLP: mlp_out + scale * fc2(dropout(gelu(fc1(x)))), fc2 starting at zero."""
 
     def __init__(self, width: int, rank: int, scale: float, dropout: float) -> None:
         super().__init__()
@@ -42,20 +42,37 @@ class VisionAdapter(nn.Module):
 
 
 class VisionAdapters(nn.ModuleList):
-    """One VisionAdapter per CLIP block that runs; `attach` adds each to its block's MLP output by a forward hook."""
+    """One VisionAdapter per tower block that runs, reading the input of each block's `adapter_in` submodule (its MLP)
+    and adding to the output of `adapter_out` (the MLP, or what follows it before the residual: DINOv2's layer scale)."""
 
     def __init__(self, width: int, count: int, rank: int, scale: float, dropout: float) -> None:
         super().__init__(VisionAdapter(width, rank, scale, dropout) for _ in range(count))
 
-    def attach(self, blocks: Sequence[nn.Module]) -> list[RemovableHandle]:
+    def attach(self, blocks: Sequence[nn.Module], adapter_in: str = "mlp", adapter_out: str = "mlp") -> list[RemovableHandle]:
         if len(blocks) != len(self):
-            raise ValueError(f"{len(self)} vision adapters for {len(blocks)} CLIP blocks")
-        return [block.mlp.register_forward_hook(_adapter_hook(adapter)) for block, adapter in zip(blocks, self)]
+            raise ValueError(f"{len(self)} vision adapters for {len(blocks)} vision tower blocks")
+        handles = []
+        for block, adapter in zip(blocks, self):
+            if adapter_in == adapter_out:
+                handles.append(getattr(block, adapter_out).register_forward_hook(_adapter_hook(adapter)))
+                continue
+            # The adapter's input is read when adapter_in runs and consumed when adapter_out, later in the block, does.
+            inputs: list[torch.Tensor] = []
+            handles.append(getattr(block, adapter_in).register_forward_pre_hook(_input_keeper(inputs)))
+            handles.append(getattr(block, adapter_out).register_forward_hook(_adapter_hook(adapter, inputs)))
+        return handles
 
 
-def _adapter_hook(adapter: VisionAdapter):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + adapter(args[0]).to(output.dtype)
+def _input_keeper(inputs: list[torch.Tensor]):
+    def hook(module: nn.Module, args: tuple) -> None:
+        inputs.append(args[0])
 
     return hook
 
+
+def _adapter_hook(adapter: VisionAdapter, inputs: list[torch.Tensor] | None = None):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        adapter_input = inputs.pop() if inputs is not None else args[0]
+        return output + adapter(adapter_input).to(output.dtype)
+
+    return hook

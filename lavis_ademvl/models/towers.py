@@ -1,9 +1,9 @@
 """The frozen towers: loading (dtype, quantization, device map), freezing, and their shapes on the meta device.
 
-`load_towers` reads a model config and returns the LLM, its tokenizer, the CLIP vision tower (None for text-only
-`fusion: none`) and the dtype they compute in. `meta_towers` builds the same towers with no weight at all, from
-configurations only (a local config.json, a `llm_config`/`vision_config` dict, or the built-in shapes of the checkpoints
-the paper uses): the parameter report of `python -m lavis_ademvl.params`.
+`load_towers` reads a model config and returns the LLM, its tokenizer, the vision tower (None for text-only
+`fusion: none`; its families: `vision_towers.py`) and the dtype they compute in. `meta_towers` builds the same towers
+with no weight at all, from configurations only (a local config.json, a `llm_config`/`vision_config` dict, or the
+built-in shapes of the checkpoints our model types name): the parameter report of `python -m lavis_ademvl.params`.
 """
 from __future__ import annotations
 
@@ -15,18 +15,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lavis_ademvl.models.config import AdemVLConfig
 from lavis_ademvl.models.tokenization import load_tokenizer
+from lavis_ademvl.models.vision_towers import (
+    drop_last_block,
+    random_vision_tower,
+    vision_config,
+    vision_family,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -47,9 +45,15 @@ KNOWN_LLM_SHAPES = {
                         "rope_theta": 1000000.0, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
                         "tie_word_embeddings": False},
 }
+_SIGLIP_SO400M = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                  "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14}
 KNOWN_VISION_SHAPES = {
     "openai/clip-vit-large-patch14": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                                       "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
+    "google/siglip-so400m-patch14-384": _SIGLIP_SO400M,
+    "google/siglip2-so400m-patch14-384": _SIGLIP_SO400M,
+    "facebook/dinov2-large": {"model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24,
+                              "num_attention_heads": 16, "image_size": 518, "patch_size": 14},
 }
 
 
@@ -93,7 +97,7 @@ def model_device(config: AdemVLConfig) -> torch.device:
 
 def load_towers(
     config: AdemVLConfig, device: torch.device
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, CLIPVisionModel | None, torch.dtype]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel | None, torch.dtype]:
     """(LLM, tokenizer, vision tower or None, compute dtype) of a model config, loaded in that order straight onto
     `device` (a 7B LLM never passes through host memory as a whole on a GPU run)."""
     dtype = compute_dtype(config, device)
@@ -161,12 +165,14 @@ def llm_config(model_type: str = "llama", **values: Any) -> PretrainedConfig:
 
 def load_vision_tower(
     name_or_path: str | None, config: dict | None, dtype: torch.dtype, device: torch.device
-) -> CLIPVisionModel:
+) -> PreTrainedModel:
+    """A CLIP, SigLIP or DINOv2 tower (`vision_towers.VISION_FAMILIES`) through its own class, chosen by the
+    folder's config (or `config`'s `model_type`)."""
     if (name_or_path is None) == (config is None):
         raise KeyError("give exactly one of `vision_model` (hub name or local folder) and `vision_config` (random init)")
     if config is not None:
-        return random_tower(lambda: CLIPVisionModel(CLIPVisionConfig(**config)), dtype, device)
-    return _pretrained(CLIPVisionModel, "vision_model", name_or_path, dtype, device)
+        return random_tower(lambda: random_vision_tower(config), dtype, device)
+    return _pretrained(None, "vision_model", name_or_path, dtype, device)
 
 
 # Random towers start from this seed (the projects' default run seed) whatever the run's seed and rank: every DDP rank
@@ -181,38 +187,33 @@ def random_tower(build: Callable[[], PreTrainedModel], dtype: torch.dtype, devic
         return build().to(device=device, dtype=dtype)
 
 
-def _pretrained(model_cls: type, key: str, name_or_path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+def _pretrained(model_cls: type | None, key: str, name_or_path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     # On a GPU the weights load straight onto it; on the CPU a device map would only mark the model as dispatched.
     placement = {"device_map": {"": device.index}} if device.type == "cuda" else {}
     return load_complete(model_cls, key, name_or_path, torch_dtype=dtype, **placement)
 
 
-# The config model types each tower class loads; the checkpoint of another (a DINOv2 or SigLIP folder) would load as a
-# randomly initialised CLIP with only a log line from Hugging Face.
-TOWER_MODEL_TYPES = {CLIPVisionModel: ("clip", "clip_vision_model")}
 # Families that only the eager attention computes in full: SDPA and flash attention skip Gemma-2's logit softcapping.
 EAGER_ATTENTION = ("gemma2",)
-# Weights a checkpoint may hold beside the tower a class loads: a whole CLIP's text tower and projections.
-OTHER_TOWER_WEIGHTS = {CLIPVisionModel: ("text_model.", "text_projection.", "visual_projection.", "logit_scale")}
 
 
-def load_complete(model_cls: type, key: str, name_or_path: str, **options: Any) -> PreTrainedModel:
-    """`model_cls.from_pretrained(name_or_path, **options)`, refusing a checkpoint that does not load completely: a
-    config of another model type, or weights missing (they would start random), unexpected or of another shape; the
-    error names the folder and the keys."""
+def load_complete(model_cls: type | None, key: str, name_or_path: str, **options: Any) -> PreTrainedModel:
+    """`model_cls.from_pretrained(name_or_path, **options)` (model_cls None: the vision tower class of the folder's
+    config), refusing a checkpoint that does not load completely: a config of a model type the class does not load, or
+    weights missing (they would start random), unexpected or of another shape; the error names the folder and keys."""
     name_or_path = os.path.expanduser(name_or_path)
+    others: tuple[str, ...] = ()
     try:
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        accepted = TOWER_MODEL_TYPES.get(model_cls)
-        if accepted is not None and model_type not in accepted:
-            raise ValueError(f"model.{key}={name_or_path!r} holds a {model_type!r} model, not one of {accepted} that "
-                             f"{model_cls.__name__} loads; it would start from random weights")
+        if model_cls is None:
+            # A DINOv2 or SigLIP folder loaded by CLIP's class would start from random weights, with a log line only.
+            family = vision_family(model_type, f"model.{key}={name_or_path!r}")
+            model_cls, others = family.model_class, family.other_weights
         if model_type in EAGER_ATTENTION:
             options.setdefault("attn_implementation", "eager")
         model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **options)
     except OSError as error:
         raise OSError(f"model.{key}={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
-    others = OTHER_TOWER_WEIGHTS.get(model_cls, ())
     problems = {
         "missing (they would start random)": info["missing_keys"],
         "unexpected": [name for name in info["unexpected_keys"] if not name.startswith(others)],
@@ -233,62 +234,52 @@ def freeze_llm(llm: PreTrainedModel, gradient_checkpointing: bool) -> PreTrained
     return llm
 
 
-def freeze_vision_tower(tower: CLIPVisionModel, gradient_checkpointing: bool) -> nn.ModuleList:
+def freeze_vision_tower(tower: PreTrainedModel, gradient_checkpointing: bool) -> nn.ModuleList:
     """Freeze the tower and drop its last block; returns the blocks that run.
 
-    The fused features are the input of the last CLIP block, so that block never runs (and an adapter on it would
-    never receive a gradient, which breaks DDP)."""
+    The fused features are the input of the last block, so that block never runs (and an adapter on it would never
+    receive a gradient, which breaks DDP)."""
     tower.requires_grad_(False)
     if gradient_checkpointing:
         # The tower's activations are read only at the very end of backward, after the LLM's are freed: recomputing
         # them there keeps them out of the peak. Non-reentrant, so adapters behind a frozen input still get
         # gradients, and the adapters' dropout is replayed with the same random state.
         tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    encoder = tower.vision_model.encoder
-    encoder.layers = encoder.layers[:-1]
-    return encoder.layers
-
-
-def vision_features(tower: CLIPVisionModel, image: torch.Tensor) -> torch.Tensor:
-    """[B, 1 + N, C]: the input of the last CLIP block after the tower's final layer norm; token 0 is [cls]."""
-    hidden = tower(pixel_values=image.to(tower.dtype)).last_hidden_state
-    return tower.vision_model.post_layernorm(hidden)
-
-
-def num_patches(tower: CLIPVisionModel) -> int:
-    return (tower.config.image_size // tower.config.patch_size) ** 2
+    return drop_last_block(tower)
 
 
 # ---------------------------------------------------------------------- shapes only
 
 
-def _shape_config(
-    name: str | None, config: dict | None, known: dict, config_cls: Callable[..., PretrainedConfig], key: str
-) -> PretrainedConfig:
+def _shape_config(name: str | None, config: dict | None, known: dict, build: Callable[..., PretrainedConfig],
+                  key: str) -> PretrainedConfig:
     if config is not None:
-        return config_cls(**config)
+        return build(**config)
     if name is None:
         raise KeyError(f"model.{key} is not set")
     folder = Path(os.path.expanduser(name))
     if (folder / "config.json").is_file():
-        loaded = AutoConfig.from_pretrained(folder)
-        return getattr(loaded, "vision_config", loaded) if config_cls is CLIPVisionConfig else loaded
+        return AutoConfig.from_pretrained(folder)
     if name in known:
-        return config_cls(**known[name])
+        return build(**known[name])
     raise KeyError(
         f"model.{key}={name!r}: no local config.json and no built-in shape (known: {sorted(known)}); "
         f"point model.{key} at a folder holding the checkpoint's config.json"
     )
 
 
-def meta_towers(config: AdemVLConfig) -> tuple[PreTrainedModel, CLIPVisionModel | None]:
+def meta_towers(config: AdemVLConfig) -> tuple[PreTrainedModel, PreTrainedModel | None]:
     """The LLM and vision tower of a model config with every tensor on the meta device (shapes only)."""
     llm_shape = _shape_config(config.llm_model, config.llm_config, KNOWN_LLM_SHAPES, llm_config, "llm_model")
-    vision_config = None
+    tower_shape = None
     if config.fusion != "none":
-        vision_config = _shape_config(config.vision_model, config.vision_config, KNOWN_VISION_SHAPES,
-                                      CLIPVisionConfig, "vision_model")
+        tower_shape = _shape_config(config.vision_model, config.vision_config, KNOWN_VISION_SHAPES,
+                                    lambda **values: vision_config(values), "vision_model")
+        tower_shape = getattr(tower_shape, "vision_config", tower_shape)  # a whole CLIP's or SigLIP's folder
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(llm_shape)
-        vision = CLIPVisionModel(vision_config) if vision_config is not None else None
-    return llm, vision
+        tower = None
+        if tower_shape is not None:
+            tower = vision_family(tower_shape.model_type, f"model.vision_model={config.vision_model!r}").model_class(
+                tower_shape)
+    return llm, tower

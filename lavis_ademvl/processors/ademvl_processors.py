@@ -23,7 +23,8 @@ from lavis_ademvl.common.validation import check_choice, check_known_keys
 # CLIP's statistics are right for CLIP towers; the authors' ScienceQA and instruction checkpoints saw ImageNet's.
 NORMALIZATIONS = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DINOv2's
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 TRAIN_RESIZES = ("random_crop", "squash")  # random resized crop (CLIP/BLIP) | the authors' fixed (size, size) resize
 EVAL_RESIZES = ("center_crop", "squash")  # short side to size + centre crop (CLIP) | (size, size) resize
