@@ -259,3 +259,19 @@ def test_readme_backbone_table_is_what_params_prints(capsys):
         assert figures["total trainable"] == int(trainable.replace(",", "")), model_type
         assert figures["LLM"] + figures["vision tower (blocks used)"] == int(frozen.replace(",", "")), model_type
         assert figures["fused decoder layers"] == int(layers), model_type
+
+
+@pytest.mark.parametrize("name", sorted(TOWERS))
+def test_gradient_checkpointing_of_the_tower_gives_the_same_gradients(name):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same trainable weights in both models
+        model = tower_model(name, vision_gradient_checkpointing=checkpointing, adapter_dropout=0.0).train()
+        assert model.vision_tower.is_gradient_checkpointing == checkpointing
+        with torch.no_grad():
+            for adapter in model.vision_adapters:
+                adapter.fc2.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+        model(make_batch())["loss"].backward()
+        grads.append({key: p.grad for key, p in model.named_parameters() if p.requires_grad})
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-6, msg=key)
