@@ -8,7 +8,7 @@ The model composes its parts, each in its own module:
 - `checkpoint_keys.py`: the key layouts of the checkpoints it reads (ours, earlier ones, the authors');
 - `memory.py`: the visual memory and the decoder-layer hooks that add the fused feature (`VisualMemory`);
 - `processing.py`: texts -> token ids, image slots and labels (`PromptEncoder`);
-- `scoring.py`: rank inference (candidate answers scored by log-likelihood);
+- `scoring.py`: rank inference (candidate answers scored by log-likelihood), a mixin of the model;
 - `fusion.py`: the fusion math, pure functions.
 """
 from __future__ import annotations
@@ -32,13 +32,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.validation import check_choice
-from lavis_ademvl.models import scoring
 from lavis_ademvl.models.checkpoint_keys import checkpoint_state, rename_legacy_keys
 from lavis_ademvl.models.config import AdemVLConfig
 from lavis_ademvl.models.fusion import activate, check_scales, multiscale_pool
 from lavis_ademvl.models.memory import VisualMemory, decoder_layers
 from lavis_ademvl.models.modules import LowRankProjection, VisionAdapters
-from lavis_ademvl.models.processing import EncodedBatch, PromptEncoder, image_flags, last_columns
+from lavis_ademvl.models.processing import EncodedBatch, PromptEncoder, VisualInputs, image_flags, last_columns
+from lavis_ademvl.models.scoring import RankScoringMixin
 from lavis_ademvl.models.towers import (
     freeze_llm,
     freeze_vision_tower,
@@ -49,13 +49,10 @@ from lavis_ademvl.models.towers import (
 from lavis_ademvl.models.vision_towers import adapter_points, patch_grid, vision_features
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models" / "ademvl"
-# What a forward pass computes once from the images: (activated keys [B,Nv,d], values [B,Nv,d], slot embeddings
-# [B,S,d]), each None where the fusion has none.
-VisualInputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 @register("model", "ademvl")
-class AdemVL(BaseModel):
+class AdemVL(RankScoringMixin, BaseModel):
     """ADEM-VL on a Hugging Face causal LM and vision tower.
 
     Samples: `image` [B,3,H,W], `has_image` [B] (0/1), `text_input` (prompt), optional `answer_cue` (e.g. "Answer: The
@@ -342,17 +339,17 @@ class AdemVL(BaseModel):
         placed = torch.gather(slots.to(embeds.dtype), 1, slot_index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         return torch.where(encoded.slot_mask.unsqueeze(-1), placed, embeds)
 
-    @contextlib.contextmanager
-    def _llm_inputs(
-        self, samples: dict, encoded: EncodedBatch, visual: VisualInputs | None, expand: int = 1
-    ) -> Iterator[torch.Tensor]:
-        """Under autocast, the input embeddings of `encoded`, with the batch's visual memory held for the decoder hooks.
-        `visual`: inputs already computed for these rows (e.g. shared by several candidates); `expand`: rows per
-        sample during generation."""
+    def sample_visual_inputs(self, samples: dict, batch_size: int) -> VisualInputs:
+        """`visual_inputs` of a batch of `batch_size` samples (their `image` and `has_image`), under autocast."""
+        has_image = image_flags(samples, batch_size)
         with self.autocast():
-            if visual is None:
-                has_image = image_flags(samples, encoded.input_ids.shape[0]).to(self.device, non_blocking=True)
-                visual = self.visual_inputs(samples.get("image"), has_image)
+            return self.visual_inputs(samples.get("image"), has_image.to(self.device, non_blocking=True))
+
+    @contextlib.contextmanager
+    def llm_inputs(self, encoded: EncodedBatch, visual: VisualInputs, expand: int = 1) -> Iterator[torch.Tensor]:
+        """Under autocast, the input embeddings [B, L, d] of `encoded`, with the visual memory of `visual` (rows
+        matching encoded's) held for the decoder hooks; `expand`: rows per sample during generation."""
+        with self.autocast():
             keys, values, slots = visual
             embeds = self._input_embeddings(encoded, slots)
             if self.fusion_memory is None:
@@ -377,7 +374,9 @@ class AdemVL(BaseModel):
         # Left padding puts every label in the last columns, and only those positions need the vocabulary projection:
         # at SmolLM2's 49k vocabulary, logits for every position cost a fifth of a step.
         keep = encoded.labelled_columns + 1 if with_answer else 1
-        with self._llm_inputs(samples, encoded, visual) as embeds:
+        if visual is None:
+            visual = self.sample_visual_inputs(samples, encoded.input_ids.shape[0])
+        with self.llm_inputs(encoded, visual) as embeds:
             output = self.llm(
                 inputs_embeds=embeds,
                 attention_mask=encoded.attention_mask,
@@ -399,7 +398,8 @@ class AdemVL(BaseModel):
     def generate_token_ids(self, samples: dict, prompt: str | None = None, expand: int = 1, **options: Any) -> torch.Tensor:
         """Hugging Face generation after each sample's prompt, `expand` rows per sample: the new token ids."""
         encoded = self.encode_batch(samples, with_answer=False, prompt=prompt, reserve=options.get("max_new_tokens", 0))
-        with self._llm_inputs(samples, encoded, None, expand) as embeds:
+        visual = self.sample_visual_inputs(samples, encoded.input_ids.shape[0])
+        with self.llm_inputs(encoded, visual, expand) as embeds:
             return self.llm.generate(
                 inputs_embeds=embeds,
                 attention_mask=encoded.attention_mask,
@@ -457,12 +457,6 @@ class AdemVL(BaseModel):
         new_tokens = self.generate_token_ids(samples, prompt=prompt, expand=expand, **options)
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def score_candidates(
-        self, samples: dict, answer_list: Sequence[Sequence[str]], prompt: str | None = None, rows_per_pass: int = 64
-    ) -> list[list[float]]:
-        """Sum of log-probabilities of each candidate's tokens (and the closing eos) after the sample's prompt."""
-        return scoring.score_candidates(self, samples, answer_list, prompt, rows_per_pass)
-
     @torch.no_grad()
     def predict_answers(
         self,
@@ -480,13 +474,13 @@ class AdemVL(BaseModel):
         """Answer each sample, as LAVIS's VQA tasks call it.
 
         `generate` decodes up to max_len tokens (beam search, greedy for num_beams=1). `rank` returns the most
-        likely candidate of `answer_list`, so it always gives a valid answer (`scoring.rank`). An empty `prompt`
+        likely candidate of `answer_list`, so it always gives a valid answer (`rank_answers`). An empty `prompt`
         means the model's own.
         """
         check_choice("inference_method", inference_method, ("generate", "rank"))
         prompt = prompt or None
         if inference_method == "rank":
-            return scoring.rank(self, samples, answer_list, num_ans_candidates, prompt)
+            return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
         return self.generate(
             samples, num_beams=num_beams, max_length=max_len, min_length=min_len, length_penalty=length_penalty, prompt=prompt
         )

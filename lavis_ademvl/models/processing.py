@@ -21,6 +21,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lavis_ademvl.models.config import AdemVLConfig
 
+# What a forward pass computes once from the images: (activated keys [B,Nv,d], values [B,Nv,d], slot embeddings
+# [B,S,d]), each None where the fusion has none.
+VisualInputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
 
 @dataclass
 class EncodedBatch:

@@ -1,53 +1,78 @@
 """Rank inference: candidate answers scored by their log-likelihood after each sample's prompt (never fails to answer).
+
+`RankScoringMixin` gives the model its scoring methods, as Hugging Face's `GenerationMixin` gives a model `generate`;
+it reads the model only through its public face (`sample_texts`, `processor`, `sample_visual_inputs`, `llm_inputs`,
+`llm`, `logits_to_keep`, `answer_logits`, `tokenizer`, `device`, `llm_spans_devices`).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from lavis_ademvl.models.processing import EncodedBatch, answer_after, image_flags
-
-if TYPE_CHECKING:
-    from lavis_ademvl.models.ademvl import AdemVL, VisualInputs
+from lavis_ademvl.models.processing import EncodedBatch, VisualInputs, answer_after, image_flags
 
 
-@torch.no_grad()
-def score_candidates(
-    model: AdemVL, samples: dict, answer_list: Sequence[Sequence[str]], prompt: str | None = None, rows_per_pass: int = 64
-) -> list[list[float]]:
-    """Sum of log-probabilities of each candidate's tokens (and the closing eos) after the sample's prompt.
+class RankScoringMixin:
+    """Scoring of candidate answers (`score_candidates`) and rank inference (`rank_answers`)."""
 
-    The vision tower runs once per sample; the (sample, candidate) pairs go through the LLM `rows_per_pass` at a time,
-    and the tokens a sample's candidates share (its prompt) once per sample (`shared_prefix_scores`).
-    """
-    pairs = [(row, candidate) for row, candidates in enumerate(answer_list) for candidate in candidates]
-    if not pairs:
-        raise ValueError("answer_list holds no candidate")
-    prompts, cues, _ = model.sample_texts(samples, with_answer=False, prompt=prompt)
-    has_image = image_flags(samples, len(prompts))
-    with model.autocast():
-        visual = model.visual_inputs(samples.get("image"), has_image.to(model.device, non_blocking=True))
-    flat_scores: list[float] = []
-    for start in range(0, len(pairs), rows_per_pass):
-        chunk = pairs[start : start + rows_per_pass]
-        rows = torch.tensor([row for row, _ in chunk])
-        expanded = {
-            "has_image": has_image[rows],
-            "text_input": [prompts[row] for row, _ in chunk],
-            "answer_cue": [cues[row] for row, _ in chunk],
-            "text_output": [candidate for _, candidate in chunk],
-        }
-        flat_scores += shared_prefix_scores(model, expanded, rows, visual)
-    scores, start = [], 0
-    for candidates in answer_list:
-        scores.append(flat_scores[start : start + len(candidates)])
-        start += len(candidates)
-    return scores
+    @torch.no_grad()
+    def score_candidates(
+        self, samples: dict, answer_list: Sequence[Sequence[str]], prompt: str | None = None, rows_per_pass: int = 64
+    ) -> list[list[float]]:
+        """Sum of log-probabilities of each candidate's tokens (and the closing eos) after the sample's prompt.
+
+        The vision tower runs once per sample; the (sample, candidate) pairs go through the LLM `rows_per_pass` at a
+        time, and the tokens a sample's candidates share (its prompt) once per sample (`shared_prefix_scores`).
+        """
+        pairs = [(row, candidate) for row, candidates in enumerate(answer_list) for candidate in candidates]
+        if not pairs:
+            raise ValueError("answer_list holds no candidate")
+        prompts, cues, _ = self.sample_texts(samples, with_answer=False, prompt=prompt)
+        has_image = image_flags(samples, len(prompts))
+        visual = self.sample_visual_inputs(samples, len(prompts))
+        flat_scores: list[float] = []
+        for start in range(0, len(pairs), rows_per_pass):
+            chunk = pairs[start : start + rows_per_pass]
+            rows = torch.tensor([row for row, _ in chunk])
+            expanded = {
+                "has_image": has_image[rows],
+                "text_input": [prompts[row] for row, _ in chunk],
+                "answer_cue": [cues[row] for row, _ in chunk],
+                "text_output": [candidate for _, candidate in chunk],
+            }
+            flat_scores += shared_prefix_scores(self, expanded, rows, visual)
+        scores, start = [], 0
+        for candidates in answer_list:
+            scores.append(flat_scores[start : start + len(candidates)])
+            start += len(candidates)
+        return scores
+
+    @torch.no_grad()
+    def rank_answers(
+        self,
+        samples: dict,
+        answer_list: Sequence[str] | Sequence[Sequence[str]],
+        num_ans_candidates: int,
+        prompt: str | None = None,
+    ) -> list[str]:
+        """The most likely candidate of each sample. `answer_list` is either one list for all samples (VQA: the
+        num_ans_candidates answers with the likeliest first token are scored in full, a space put before each) or one
+        list per sample, scored in full as given."""
+        if not answer_list:
+            raise ValueError("inference_method='rank' needs answer_list (candidate answers)")
+        if all(isinstance(answer, str) for answer in answer_list):
+            shortlists = preselect(self, samples, answer_list, num_ans_candidates, prompt)
+            prompts, cues, _ = self.sample_texts(samples, with_answer=False, prompt=prompt)
+            candidates = [[answer_after(p + c, a) for a in row] for p, c, row in zip(prompts, cues, shortlists)]
+            scores = self.score_candidates(samples, candidates, prompt)
+        else:
+            shortlists = [list(candidates) for candidates in answer_list]
+            scores = self.score_candidates(samples, shortlists, prompt)
+        return [candidates[max(range(len(row)), key=row.__getitem__)] for candidates, row in zip(shortlists, scores)]
 
 
-def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, visual: VisualInputs) -> list[float]:
+def shared_prefix_scores(model: RankScoringMixin, pair_samples: dict, rows: torch.Tensor, visual: VisualInputs) -> list[float]:
     """Scores of (sample, candidate) pairs, sample `rows[i]` for pair i: each sample's tokens common to all its pairs
     (up to its first answer token) run once, with the KV cache, and the rest of each pair after it.
 
@@ -88,7 +113,7 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
     prefix_slots = left_padded([slots[members[row][0]][: shared[row]] for row in groups], False)
     prefix_batch = EncodedBatch(prefix[0], prefix[1], prefix_slots[0].bool(), torch.full_like(prefix[0], -100)).to(device)
     group_visual = tuple(None if t is None else t[torch.tensor(groups, device=device)] for t in visual)
-    with model._llm_inputs({}, prefix_batch, group_visual) as embeds:
+    with model.llm_inputs(prefix_batch, group_visual) as embeds:
         output = model.llm(
             inputs_embeds=embeds, attention_mask=prefix_batch.attention_mask, position_ids=prefix_batch.position_ids,
             use_cache=True, **model.logits_to_keep(embeds, 1),
@@ -112,7 +137,7 @@ def shared_prefix_scores(model: AdemVL, pair_samples: dict, rows: torch.Tensor, 
     cache.batch_select_indices(group_of.to(index_device))
     pair_rows = rows[scored].to(device)
     pair_visual = (*(None if t is None else t[pair_rows] for t in visual[:2]), None)
-    with model._llm_inputs({}, suffix_batch, pair_visual) as embeds:
+    with model.llm_inputs(suffix_batch, pair_visual) as embeds:
         output = model.llm(
             inputs_embeds=embeds, attention_mask=suffix_batch.attention_mask,
             position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
@@ -143,7 +168,7 @@ def left_padded(sequences: Sequence[Sequence[int | bool]], pad: int | bool) -> t
     return values, mask
 
 
-def preselect(model: AdemVL, samples: dict, answers: Sequence[str], count: int, prompt: str | None) -> list[list[str]]:
+def preselect(model: RankScoringMixin, samples: dict, answers: Sequence[str], count: int, prompt: str | None) -> list[list[str]]:
     """The `count` answers per sample whose first token is most likely after the prompt (one LLM pass)."""
     tokenizer = model.tokenizer
     first_tokens = [
@@ -154,27 +179,3 @@ def preselect(model: AdemVL, samples: dict, answers: Sequence[str], count: int, 
     logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)[:, first_tokens]
     top = logprobs.topk(min(count, len(answers)), dim=-1).indices.tolist()
     return [[answers[i] for i in row] for row in top]
-
-
-@torch.no_grad()
-def rank(
-    model: AdemVL,
-    samples: dict,
-    answer_list: Sequence[str] | Sequence[Sequence[str]],
-    num_ans_candidates: int,
-    prompt: str | None,
-) -> list[str]:
-    """The most likely candidate of each sample. `answer_list` is either one list for all samples (VQA: the
-    num_ans_candidates answers with the likeliest first token are scored in full, a space put before each) or one
-    list per sample, scored in full as given."""
-    if not answer_list:
-        raise ValueError("inference_method='rank' needs answer_list (candidate answers)")
-    if all(isinstance(answer, str) for answer in answer_list):
-        shortlists = preselect(model, samples, answer_list, num_ans_candidates, prompt)
-        prompts, cues, _ = model.sample_texts(samples, with_answer=False, prompt=prompt)
-        candidates = [[answer_after(p + c, a) for a in row] for p, c, row in zip(prompts, cues, shortlists)]
-        scores = score_candidates(model, samples, candidates, prompt)
-    else:
-        shortlists = [list(candidates) for candidates in answer_list]
-        scores = score_candidates(model, samples, shortlists, prompt)
-    return [candidates[max(range(len(row)), key=row.__getitem__)] for candidates, row in zip(shortlists, scores)]
