@@ -26,7 +26,6 @@ from lavis_ademvl.inference import (
     read_question,
 )
 from lavis_ademvl.models.ademvl import AdemVL
-from lavis_ademvl.models.fusion import activate, kept_mask
 
 PARSER = question_parser("lavis_ademvl.visualize", __doc__)
 PARSER.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
@@ -38,14 +37,8 @@ def kept_masks(model: AdemVL, samples: dict) -> torch.Tensor:
     """[layers, T, Nv] boolean: the visual features each text token keeps in each decoder layer (sample 0)."""
     if model.fusion != "adem":
         raise ValueError(f"drop maps need fusion='adem' (the config has fusion={model.fusion!r})")
-    config = model.config
     masks: list[torch.Tensor] = []
-
-    def observe(layer: int, query: torch.Tensor, keys: torch.Tensor) -> None:
-        scores = torch.matmul(activate(query, config.activation), keys.transpose(-1, -2))
-        masks.append(kept_mask(scores, config.drop_ratio)[0])
-
-    handles = model.fusion_memory.observe_queries(observe)
+    handles = model.fusion_memory.observe_kept(lambda layer, kept: masks.append(kept[0]))
     try:
         model.next_token_logprobs(samples)
     finally:

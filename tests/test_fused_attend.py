@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lavis_ademvl.models.fusion import ACTIVATIONS, activate, attend, fused_attend
+from lavis_ademvl.models.fusion import ACTIVATIONS, activate, adaptive_drop, fused_attend
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -24,6 +24,11 @@ def test_fused_equals_reference(activation, gamma, device):
     torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
     for got, want in zip(fused_grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def attend(activated_query, activated_keys, values, drop_ratio):
+    """The fusion restated with autograd's own record: drop(act(q) @ act(k)^T) @ v."""
+    return torch.matmul(adaptive_drop(torch.matmul(activated_query, activated_keys.transpose(-1, -2)), drop_ratio), values)
 
 
 def test_fused_float32_tolerance_and_gradcheck(device):

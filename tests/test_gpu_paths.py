@@ -107,13 +107,13 @@ def test_moving_a_device_mapped_model_moves_only_adem_vl_modules(tmp_path):
 
 
 def test_observed_queries_see_the_keys_on_their_own_device():
-    """Hooks of a layer on another device read that device's copy of the keys; so does `observe_queries`."""
+    """Hooks of a layer on another device read that device's copy of the keys; so does `observe_kept`."""
     layer = torch.nn.Module()
     layer.self_attn, layer.mlp = torch.nn.Identity(), torch.nn.Identity()
     memory = VisualMemory("mlp_in", "mlp_out", 0.1, 0.0, "silu")
     memory.attach([layer])
     seen = []
-    memory.observe_queries(lambda index, query, keys: seen.append(keys.device))
+    memory.observe_kept(lambda index, kept: seen.append(kept.device))
     keys = torch.randn(1, 4, 8)
     with memory.holding(keys, torch.randn(1, 4, 8)):
         query = torch.randn(1, 3, 8, device="meta")

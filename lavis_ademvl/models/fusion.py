@@ -61,18 +61,11 @@ def adaptive_drop(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
     return scores * kept_mask(scores, drop_ratio).to(scores.dtype)
 
 
-def attend(
-    activated_query: torch.Tensor,
-    activated_keys: torch.Tensor,
-    values: torch.Tensor,
-    drop_ratio: float,
-) -> torch.Tensor:
-    """drop(act(q) @ act(k)^T) @ v for already-activated queries [B,T,d] and keys [B,Nv,d] -> [B,T,d].
-
-    The model activates keys once per forward and calls this in every decoder layer.
-    """
-    scores = torch.matmul(activated_query, activated_keys.transpose(-1, -2))  # [B, T, Nv]
-    return torch.matmul(adaptive_drop(scores, drop_ratio), values)
+def attention_scores(query: torch.Tensor, activated_keys: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(query) @ activated_keys^T: [B, T, Nv], each text token's score for each visual feature, the values the
+    adaptive drop thresholds per row. The one place the formula is written (the fusion, its fused backward record and
+    the drop maps all call it)."""
+    return torch.matmul(activate(query, activation), activated_keys.transpose(-1, -2))
 
 
 def adaptive_cross_attention(
@@ -100,7 +93,8 @@ def adaptive_cross_attention(
         raise ValueError(
             f"shape mismatch: query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
         )
-    return attend(activate(query, activation), activate(keys, activation), values, drop_ratio)
+    scores = attention_scores(query, activate(keys, activation), activation)  # [B, T, Nv]
+    return torch.matmul(adaptive_drop(scores, drop_ratio), values)
 
 
 def check_scales(down_sample_num: Sequence[int], num_patches: int) -> list[int]:
@@ -166,9 +160,10 @@ def multiscale_pool(patches: torch.Tensor, down_sample_num: Sequence[int], pooli
 
 
 class _FusedAttend(torch.autograd.Function):
-    """`attend` with a leaner backward record: it keeps the query, keys, values, the dropped scores and a 1-byte
-    drop mask, and recomputes act(query) (elementwise, cheap) in backward, instead of autograd keeping act(query),
-    a float mask and two copies of the scores. Saving the scores spares backward a [T, d] x [d, Nv] matmul.
+    """`adaptive_cross_attention` on activated keys, with a leaner backward record: it keeps the query, keys, values,
+    the dropped scores and a 1-byte drop mask, and recomputes act(query) (elementwise, cheap) in backward, instead of
+    autograd keeping act(query), a float mask and two copies of the scores. Saving the scores spares backward a
+    [T, d] x [d, Nv] matmul.
 
     Padding positions (`real_tokens` False) read nothing and pass no gradient back: left padding attends to nothing,
     which some attention kernels turn into NaN, and a product with a zero mask keeps NaN (0 x NaN), so they are
@@ -181,7 +176,7 @@ class _FusedAttend(torch.autograd.Function):
         ctx.memory_dtypes = activated_keys.dtype, values.dtype
         activated_keys, values = activated_keys.to(query.dtype), values.to(query.dtype)
         with torch.no_grad():
-            scores = torch.matmul(activate(_real(query, real_tokens), activation), activated_keys.transpose(-1, -2))
+            scores = attention_scores(_real(query, real_tokens), activated_keys, activation)
             dropped = ~kept_mask(scores, drop_ratio) if drop_ratio > 0 else None
             if real_tokens is not None:
                 dropped = ~real_tokens if dropped is None else dropped | ~real_tokens
@@ -230,6 +225,7 @@ def fused_attend(
     activation: str,
     real_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """drop(act(query) @ activated_keys^T) @ values: `attend(activate(query), ...)` with less activation memory.
+    """drop(act(query) @ activated_keys^T) @ values: `adaptive_cross_attention` on keys activated once per forward,
+    with less activation memory.
     `real_tokens` [B, T, 1] (None: no padding): positions where it is False give zeros and receive no gradient."""
     return _FusedAttend.apply(query, activated_keys, values, drop_ratio, activation, real_tokens)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from lavis_ademvl.models.fusion import fused_attend
+from lavis_ademvl.models.fusion import attention_scores, fused_attend, kept_mask
 
 # The submodule of a decoder layer whose input (`_in`) or output (`_out`) each point is. A point's meaning is the same in
 # every family: `attn_in`/`mlp_in` the input of the attention block/MLP (after its pre-norm), `attn_out`/`mlp_out` the
@@ -44,7 +44,7 @@ DECODER_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
     "phi3": ("Phi3DecoderLayer", PHI3_POINTS),
 }
 _POINTS_OF_LAYER_CLASS = {layer_class: points for layer_class, points in DECODER_FAMILIES.values()}
-QueryObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+KeptObserver = Callable[[int, torch.Tensor], None]
 # What the hooks read on one device: activated keys [B, Nv, d], values [B, Nv, d], and the real-token mask [B, L, 1].
 Held = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -113,15 +113,17 @@ class VisualMemory:
             handle.remove()
         self._handles, self.layers = [], ()
 
-    def observe_queries(self, observer: QueryObserver) -> list[RemovableHandle]:
-        """Call observer(layer index, query, activated keys) each time a hooked layer reads its query while the memory
-        holds a batch (e.g. to draw what the adaptive drop keeps); remove the returned handles when done."""
+    def observe_kept(self, observer: KeptObserver) -> list[RemovableHandle]:
+        """Call observer(layer index, kept [B, T, Nv] bool: the visual features each text token keeps after the
+        adaptive drop) each time a hooked layer reads its query while the memory holds a batch (e.g. to draw drop
+        maps); remove the returned handles when done."""
 
         def hook_for(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 if self.keys is not None:
                     query = _module_input(args, kwargs)
-                    observer(index, query, self.on_device(query.device)[0])
+                    scores = attention_scores(query, self.on_device(query.device)[0], self.activation)
+                    observer(index, kept_mask(scores, self.drop_ratio))
 
             return hook
 
