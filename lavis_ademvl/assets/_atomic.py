@@ -18,6 +18,9 @@ from typing import Any
 
 from lavis_ademvl.common.job_lock import pid_alive
 
+# How a user without the builders' dependencies (`easy-vqa`, `gguf`) gets them.
+DEMO_EXTRA = 'pip install "lavis-ademvl[demo]" (from a checkout: pip install -e ".[demo]", or make demo)'
+
 MARKER = ".complete"
 
 

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lavis_ademvl.assets._atomic import build_atomically
+from lavis_ademvl.assets._atomic import DEMO_EXTRA, build_atomically
 
-PIP_HINT = "pip install easy-vqa==1.0"
 FORMAT_VERSION = 4
 
 COLOURS = ("red", "green", "blue", "gray", "teal", "black", "yellow", "brown")
@@ -131,7 +130,8 @@ def _easy_vqa():
     try:
         import easy_vqa
     except ImportError:
-        raise ImportError(f"the demo data is built from the PyPI package `easy-vqa`: {PIP_HINT}") from None
+        raise ImportError(f"the demo data is built from the PyPI package `easy-vqa`, part of the demo extra: {DEMO_EXTRA}"
+                          ) from None
     return easy_vqa
 
 

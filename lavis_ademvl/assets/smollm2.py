@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lavis_ademvl.assets._atomic import build_atomically
+from lavis_ademvl.assets._atomic import DEMO_EXTRA, build_atomically
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -72,7 +72,7 @@ def convert_smollm2(out_dir: Path, gguf_path: Path | None = None) -> Path:
     the folder appears only when complete. Takes about 30 s on 2 CPU cores and 0.5 GB of disk.
     """
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf")
+        raise ImportError(f"reading GGUF files needs the `gguf` package, part of the demo extra: {DEMO_EXTRA}")
     gguf_path = Path(gguf_path).expanduser().absolute() if gguf_path is not None else find_smollm2_gguf()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
