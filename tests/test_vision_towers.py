@@ -81,12 +81,12 @@ def test_every_family_is_tested():
 
 
 @pytest.mark.parametrize("name", sorted(TOWERS))
-def test_features_are_the_last_blocks_input_after_the_final_norm(name):
-    model = tower_model(name)
-    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+def test_features_are_the_last_blocks_input_after_the_final_norm(name, device):
+    model = tower_model(name).to(device)
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         features = model.get_image_features(image)
-        expected = expected_features(intact_copy(model, name), name, image)
+        expected = expected_features(intact_copy(model, name).to(device), name, image)
     assert features.shape == (2, 1 + 16, 32)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
 
@@ -111,11 +111,11 @@ def test_adapter_output_enters_the_residual_stream_beside_the_mlp(name):
 
 
 @pytest.fixture(scope="module", params=sorted(TOWERS))
-def trained_model(request):
+def trained_model(request, device):
     model = tower_model(request.param, alpha=0.5)
     with torch.no_grad():
         model.visual_value_offset.normal_(0, 1, generator=torch.Generator().manual_seed(2))
-    return request.param, model
+    return request.param, model.to(device)
 
 
 def test_training_step_reaches_exactly_the_trainable_parameters(trained_model):
@@ -125,7 +125,7 @@ def test_training_step_reaches_exactly_the_trainable_parameters(trained_model):
         with torch.no_grad():
             for adapter in model.vision_adapters:  # fc2 starts at zero: fc1 gets a gradient once it moved
                 adapter.fc2.weight.normal_(0, 0.1)
-        loss = model(make_batch())["loss"]
+        loss = model(make_batch(device=model.device))["loss"]
         loss.backward()
         for parameter_name, p in model.named_parameters():
             if p.requires_grad:
@@ -142,7 +142,7 @@ def test_training_step_reaches_exactly_the_trainable_parameters(trained_model):
 
 def test_generation_and_rank_scoring(trained_model):
     name, model = trained_model
-    batch = make_batch()
+    batch = make_batch(device=model.device)
     new_tokens = model.generate_token_ids(batch, max_new_tokens=3, do_sample=False, num_beams=1)
     assert torch.equal(new_tokens[:, 0], model.next_token_logprobs(batch).argmax(-1)), name
     candidates = [[" A.", " B."]] * 4
@@ -153,10 +153,11 @@ def test_generation_and_rank_scoring(trained_model):
 
 def test_checkpoint_round_trip_gives_the_same_logits(trained_model):
     name, model = trained_model
-    loaded = tower_model(name, alpha=0.5)
+    loaded = tower_model(name, alpha=0.5).to(model.device)
     loaded.load_trainable_state(model.trainable_state_dict())
+    batch = make_batch(device=model.device)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.answer_logits(make_batch(), True)[0], model.answer_logits(make_batch(), True)[0],
+        torch.testing.assert_close(loaded.answer_logits(batch, True)[0], model.answer_logits(batch, True)[0],
                                    rtol=0, atol=0, msg=name)
 
 
