@@ -1,5 +1,6 @@
 # make install: create $(VENV) (default .venv here) and install everything into it.
 # make test:    install if needed, then run the test suite offline.
+# make test-fast: the tests not marked slow (no training run, subprocess or asset build): the edit-run loop.
 # make lint:    install if needed, then check the code with ruff (rules in pyproject.toml).
 # make demo:    install if needed, then train and evaluate ADEM-VL and a text-only baseline offline on CPU.
 # make gpu-check: the GPU correctness checks on one CUDA GPU, under 10 minutes (benchmarks/gpu_check.py). It installs
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lavis-ademvl-installed
 
-.PHONY: install test lint demo gpu-check clean
+.PHONY: install test test-fast lint demo gpu-check clean
 
 install: $(STAMP)
 
@@ -27,6 +28,9 @@ $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt lavis_ademvl_discove
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+test-fast: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,56 @@ def instruct_checkpoint(tmp_path_factory) -> Path:
     run_module("lavis_ademvl.train", REPO / "projects" / "ademvl" / "debug" / "instruct_tiny.yaml", options, tmp)
     (job,) = job_dirs(tmp / "out")
     return job / "checkpoint_0.pth"
+
+
+# The test lanes. A test is `slow` when it, one of its fixtures, or a helper function of their module calls one of these:
+# a training or evaluation run (in a subprocess or in this process), a tool that starts one, or a demo asset builder.
+# `make test-fast` (pytest -m "not slow") is the edit-run loop; `make test` runs everything.
+SLOW_CALLS = frozenset({
+    "run_module", "run", "Popen", "check_output", "train_or_reuse", "prepare_assets", "assets_main",
+    "build_scienceqa_from_easyvqa", "build_vqa_from_easyvqa", "convert_smollm2", "build_demo_clip", "pretrain_clip",
+    "train.main", "evaluate.main", "demo.main", "ablate.main", "compare.main", "gpu_check.main", "fusion_speed.main",
+})
+
+
+def _called_names(node: ast.AST) -> set[str]:
+    """`f` and `module.f` of every call in `node`."""
+    names = set()
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call):
+            if isinstance(call.func, ast.Name):
+                names.add(call.func.id)
+            elif isinstance(call.func, ast.Attribute):
+                names.add(call.func.attr)
+                if isinstance(call.func.value, ast.Name):
+                    names.add(f"{call.func.value.id}.{call.func.attr}")
+    return names
+
+
+@cache
+def _slow_functions(path: str) -> frozenset[str]:
+    """The functions of a test module that reach a SLOW_CALLS call, directly or through another of its functions."""
+    functions = {node.name: _called_names(node) for node in ast.parse(Path(path).read_text()).body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    slow = {name for name, calls in functions.items() if calls & SLOW_CALLS}
+    while True:
+        more = {name for name, calls in functions.items() if calls & slow} - slow
+        if not more:
+            return frozenset(slow)
+        slow |= more
+
+
+def _is_slow(function) -> bool:
+    function = inspect.unwrap(function)
+    return function.__name__ in _slow_functions(inspect.getsourcefile(function))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = [definition.func for definitions in item._fixtureinfo.name2fixturedefs.values()
+                    for definition in definitions if inspect.getsourcefile(definition.func).startswith(str(REPO))]
+        if any(_is_slow(function) for function in [item.function, *fixtures]):
+            item.add_marker(pytest.mark.slow)
 
 
 # A shortened CLIP pretraining recipe for the tests (the shipped one, RECIPE["steps"], takes minutes on 2 cores);
