@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for row in rows:
         config = row_config((args.grid.parent / row.config).resolve(), args.base)
-        results[row.name] = train_or_reuse(config, output_dir / folders[row.name], args.options, label=row.name)
+        _, results[row.name] = train_or_reuse(config, output_dir / folders[row.name], args.options, label=row.name)
         (output_dir / "results.md").write_text(markdown(title, results))
     print(markdown(title, results))
     return 0

@@ -50,9 +50,12 @@ PARSER.add_argument(
 # ------------------------------------------------------------------ training runs
 
 
-def run_once(name: str, run_dir: Path, cfg_path: Path, options: list[str], settings: dict, force: bool) -> float:
+def run_once(
+    name: str, run_dir: Path, cfg_path: Path, options: list[str], settings: dict, force: bool
+) -> tuple[Path, dict, float]:
     """Train and evaluate one model (common.cli.train_or_reuse) unless run_dir holds a finished run made with
-    `settings` (the config, options and asset builds); returns the seconds spent (0 when reused)."""
+    `settings` (the config, options and asset builds); returns its job folder, test metrics and the seconds spent (0
+    when reused)."""
     settings_file = run_dir / SETTINGS_FILE
     reuse = (
         not force
@@ -61,11 +64,11 @@ def run_once(name: str, run_dir: Path, cfg_path: Path, options: list[str], setti
         and finished_job(run_dir) is not None
     )
     start = time.monotonic()
-    train_or_reuse(cfg_path, run_dir, options, label=name, force=not reuse)
+    job, metrics = train_or_reuse(cfg_path, run_dir, options, label=name, force=not reuse)
     if reuse:
-        return 0.0
+        return job, metrics, 0.0
     settings_file.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-    return time.monotonic() - start
+    return job, metrics, time.monotonic() - start
 
 
 # ------------------------------------------------------------------ what the results show
@@ -190,17 +193,19 @@ def main(argv: list[str] | None = None) -> int:
         f"model.vision_model={assets['clip']}",
     ]
     markers = {name: read_marker(path) for name, path in assets.items()}
-    run_dirs: dict[tuple[int, str], Path] = {}
+    finished: dict[tuple[int, str], tuple[Path, dict]] = {}  # (job folder, test metrics) of each run
     trained_now = False
     for seed in seeds:
         for name, fusion in RUNS.items():
             run_dir = args.output_dir / f"seed{seed}" / fusion
             options = [*asset_options, *args.options, f"model.fusion={fusion}", f"run.seed={seed}"]
             config = OmegaConf.to_container(load_experiment(args.cfg_path, options).config, resolve=True)
-            seconds = run_once(name, run_dir, args.cfg_path, options, {"config": config, "assets": markers}, args.force)
+            job, run_metrics, seconds = run_once(
+                name, run_dir, args.cfg_path, options, {"config": config, "assets": markers}, args.force
+            )
+            finished[seed, name] = job, run_metrics
             times[name] = times.get(name, 0.0) + seconds
             trained_now |= seconds > 0
-            run_dirs[seed, name] = run_dir
 
     data_root = assets["scienceqa"]
     image_dir = data_root / "images" / "test"
@@ -214,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     by_told_type: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
     predictions: dict[tuple[int, str], dict[str, dict]] = {}
     jobs: dict[tuple[int, str], Path] = {}
-    for (seed, name), run_dir in run_dirs.items():
-        jobs[seed, name], run_metrics = finished_job(run_dir)
+    for (seed, name), (job, run_metrics) in finished.items():
+        jobs[seed, name] = job
         predictions[seed, name] = {record["question_id"]: record for record in result_records(jobs[seed, name], run_metrics)}
         metrics[name].append(run_metrics)
         by_type[name].append(accuracy_by_type(types, predictions[seed, name]))

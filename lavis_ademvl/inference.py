@@ -11,6 +11,7 @@ A new task with its own protocol adds its path to `ANSWERING_PATHS`.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.common.launch import set_model_device, warn_if_other_task
+from lavis_ademvl.common.run_config import check_run_config
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.datasets.datasets.instruct_datasets import instruction_prompt
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import check_problem, collate
@@ -82,8 +84,24 @@ def read_question(args: argparse.Namespace) -> Question:
     if args.instruction is not None and (args.question or args.choices or args.context or args.caption):
         raise ValueError("--instruction is asked alone: leave out --question, --choices, --context and --caption "
                          "(write a hint or caption into the instruction itself)")
+    texts = {"--instruction": args.instruction, "--question": args.question, "--context": args.context,
+             "--caption": args.caption, **{f"--choices {n + 1}": choice for n, choice in enumerate(args.choices)}}
+    for name, text in texts.items():
+        check_utf8_argument(name, text)
     image = load_image(args.image) if args.image else None
     return Question(image, args.question, list(args.choices), args.context, args.caption, args.instruction)
+
+
+def check_utf8_argument(name: str, text: str | None) -> None:
+    """Command-line text is UTF-8: Python keeps other bytes as lone surrogates, which the tokenizer refuses with a
+    TypeError naming no argument."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name} is not UTF-8 text: {os.fsencode(text)[:80]!r}; write it in a UTF-8 terminal or "
+                         "locale") from error
 
 
 def load_for_inference(
@@ -94,6 +112,7 @@ def load_for_inference(
     The model is built for `device` (its towers load there and compute in that device's dtype), and the random state
     is seeded as `lavis_ademvl.train`/`.evaluate` seed it before building the model."""
     config = load_experiment(cfg_path, options or []).config
+    check_run_config(config.run)  # run.max_len, run.num_beams, ... as the tasks would read them
     if checkpoint is not None:  # instead of the config's own model.finetuned, if any
         config.model.load_finetuned, config.model.finetuned = True, checkpoint
     seed_everything(int(config.run.get("seed", 42)))

@@ -14,7 +14,7 @@ def _image(path: Path, colour: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.full((48, 48, 3), 255, dtype=np.uint8)
     pixels[10:38, 10:38] = COLOURS[colour]
-    Image.fromarray(pixels).save(path, format="JPEG")
+    Image.fromarray(pixels).save(path)  # the format of its suffix
 
 
 def _write(path: Path, data) -> None:
@@ -22,13 +22,14 @@ def _write(path: Path, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def make_coco_caption(root: Path, num_train: int = 8, num_eval: int = 4) -> Path:
-    """annotations/coco_karpathy_{train,val,test}.json, images/, and COCO-format ground truth for val and test."""
+def make_coco_caption(root: Path, num_train: int = 8, num_eval: int = 4, suffix: str = ".jpg") -> Path:
+    """annotations/coco_karpathy_{train,val,test}.json, images/ (files of `suffix`'s format), and COCO-format ground
+    truth for val and test."""
     colours = list(COLOURS)
     train, evals = [], {"val": [], "test": []}
     for index in range(num_train):
         colour = colours[index % 3]
-        image = f"train2014/COCO_train2014_{index + 1:012d}.jpg"
+        image = f"train2014/COCO_train2014_{index + 1:012d}{suffix}"
         _image(root / "images" / image, colour)
         train.append({"caption": f"A {colour} square on a white background.", "image": image, "image_id": f"coco_{index + 1}"})
     image_number = 100
@@ -36,7 +37,7 @@ def make_coco_caption(root: Path, num_train: int = 8, num_eval: int = 4) -> Path
         for index in range(num_eval):
             image_number += 1
             colour = colours[index % 3]
-            image = f"val2014/COCO_val2014_{image_number:012d}.jpg"
+            image = f"val2014/COCO_val2014_{image_number:012d}{suffix}"
             _image(root / "images" / image, colour)
             captions = [f"a {colour} square", f"a {colour} box on white", f"the square is {colour}",
                         f"one {colour} square", f"a white picture with a {colour} square"]
@@ -46,9 +47,9 @@ def make_coco_caption(root: Path, num_train: int = 8, num_eval: int = 4) -> Path
         _write(root / "annotations" / f"coco_karpathy_{split}.json", entries)
     for split in ("val", "test"):
         ground_truth = {
-            "images": [{"id": int(a["image"][-16:-4])} for a in evals[split]],
+            "images": [{"id": int(Path(a["image"]).stem[-12:])} for a in evals[split]],
             "annotations": [
-                {"image_id": int(a["image"][-16:-4]), "caption": c, "id": n}
+                {"image_id": int(Path(a["image"]).stem[-12:]), "caption": c, "id": n}
                 for n, (a, c) in enumerate((a, c) for a in evals[split] for c in a["caption"])
             ],
         }

@@ -17,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 
 from lavis_ademvl import predict
 from lavis_ademvl.common.checkpoints import load_checkpoint_file
+from lavis_ademvl.common.launch import prepare
 from lavis_ademvl.models.ademvl import AdemVL
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lavis_ademvl"
@@ -226,3 +227,20 @@ def test_every_checkpoint_load_goes_through_the_shared_loader():
     run.resume_ckpt_path, predict, visualize and compare all reach it)."""
     calls = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if "torch.load(" in path.read_text()}
     assert calls == {"common/checkpoints.py"}
+
+
+def test_resuming_their_file_says_it_cannot_be_resumed_and_how_to_start_from_it(trained, their_file, sqa_root, tmp_path):
+    """Their optimizer state is their model's: a resume failed with "does not match this model: missing trainable
+    keys", which says neither."""
+    path, saved = their_file
+    options = [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", f"run.output_dir={tmp_path / 'out'}",
+               "run.valid_splits=[]"]
+    runner = prepare(TINY_SQA, [*options, f"run.resume_ckpt_path={path}"]).build_runner()
+    suggestion = f"model.finetuned={path} model.load_finetuned=true"
+    with pytest.raises(ValueError, match=rf"run.resume_ckpt_path={path} is a checkpoint of the ADEM-VL authors' code, "
+                                         rf"which cannot be resumed: .*--options {suggestion}$"):
+        runner.train()
+    runner.release_job_folder()
+    started = prepare(TINY_SQA, [*options, *suggestion.split()])  # what the message suggests: their weights load
+    for name, value in expected_ours(saved, trained).items():
+        torch.testing.assert_close(started.model.trainable_state_dict()[name], value, rtol=0, atol=0, msg=name)

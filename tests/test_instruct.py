@@ -188,6 +188,31 @@ def test_llava_turns_of_the_wrong_type_are_named(tmp_path, turn, value, message)
 
 
 @pytest.mark.parametrize("layout", ["all_data", "llava"])
+def test_an_instruction_file_that_is_not_utf8_is_named(tmp_path, layout):
+    """Latin-1 text (an accented answer): the error said "a dataset file is not UTF-8 JSON", naming no file."""
+    if layout == "all_data":
+        root, extra = make_all_data(tmp_path), ()
+        path, text = root / "all_data.json", "Red."
+    else:
+        root, extra = make_llava(tmp_path), LLAVA_OPTIONS
+        path, text = root / "llava_instruct_150k.json", "It is green."
+    path.write_bytes(path.read_bytes().replace(text.encode(), "Rouge, pr\u00e9cis\u00e9ment.".encode("latin-1")))
+    with pytest.raises(ValueError, match=rf"instruction file {path} is not UTF-8 text: line 1 holds .*pr\\xe9cis"):
+        build(root, *extra)
+
+
+def test_an_all_data_split_that_is_not_a_list_is_named(tmp_path):
+    """A split written as an object keyed by qid was read entry by entry as its keys."""
+    root = make_all_data(tmp_path)
+    data = json.loads((root / "all_data.json").read_text())
+    data["all"] = {entry["qid"]: entry for entry in data["all"]}
+    (root / "all_data.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"all_data.json: split 'all' \(build_info.split\) holds a dict; a split is a "
+                                         r"list of entries"):
+        build(root)
+
+
+@pytest.mark.parametrize("layout", ["all_data", "llava"])
 def test_instruction_tuning_trains_two_iterations(tmp_path, layout):
     if layout == "all_data":
         root, extra = make_all_data(tmp_path / "data"), []

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from cli import REPO, job_dirs, read_jsonl
@@ -15,6 +16,8 @@ from omegaconf import OmegaConf
 from lavis_ademvl.common import caption_metrics
 from lavis_ademvl.common.caption_metrics import score_captions, simple_ptb_tokenize
 from lavis_ademvl.common.data_files import check_dataset_files
+from lavis_ademvl.common.launch import prepare
+from lavis_ademvl.common.results import read_evaluations
 from lavis_ademvl.tasks.captioning import OfflineCaptionTask
 from lavis_ademvl.tasks.vqa import vqa_accuracy
 
@@ -123,6 +126,7 @@ def reference_scores(tokenized_gts, tokenized_res):
     }
 
 
+@pytest.mark.slow  # pycocoevalcap starts Java for the PTB tokenizer and METEOR
 @pytest.mark.skipif(not caption_metrics.java_available(), reason="the PTB tokenizer and METEOR need Java")
 def test_caption_metrics_match_pycocoevalcap_with_java():
     from pycocoevalcap.meteor.meteor import Meteor
@@ -196,6 +200,43 @@ def test_vqa_accuracy_on_a_subset_of_questions(tmp_path):
     files = write_vqa_files(tmp_path, answers, {7: "red"})
     with pytest.raises(KeyError, match="not in .*a.json, e.g. \\[7\\]"):
         vqa_accuracy(*files)
+
+
+def test_caption_images_of_any_format_are_evaluated_and_a_name_without_id_is_named(tmp_path):
+    """LAVIS read the id of `COCO_val2014_000000000101.png` as '000000000101.pn' and stopped at the first evaluation,
+    after training."""
+    root = make_coco_caption(tmp_path / "data", suffix=".png")
+    options = [f"datasets.coco_caption.build_info.data_root={root}", f"run.output_dir={tmp_path / 'out'}",
+               "run.caption_metrics=[bleu]", "run.allow_untrained=true"]
+    runner = prepare(DEBUG / "coco_caption_tiny.yaml", options, evaluating=True).build_runner()
+    runner.evaluate(cur_epoch="untrained", skip_reload=True)
+    ((split, scores),) = read_evaluations(runner.output_dir / "evaluate.txt")
+    assert split == "test" and scores["num_images"] == 4  # every id found in the COCO-format ground truth
+    runner.release_job_folder()
+
+    annotation = root / "annotations" / "coco_karpathy_val.json"
+    entries = json.loads(annotation.read_text())
+    entries[1]["image"] = "val2014/red_square.png"
+    annotation.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=rf"{annotation}, entry 1: image 'val2014/red_square.png': no image id in its "
+                                         "file name"):
+        prepare(DEBUG / "coco_caption_tiny.yaml", options, evaluating=True)
+
+
+def test_a_vqa_questions_file_without_its_header_is_scored_and_one_without_questions_is_named(tmp_path):
+    """LAVIS's loadRes copies the questions file's header: one without `info` ended the run with `error: info`, after
+    training."""
+    files = write_vqa_files(tmp_path, {1: ["red"] * 10, 2: ["blue"] * 10}, {1: "red", 2: "red"})
+    questions = json.loads(Path(files[1]).read_text())
+    Path(files[1]).write_text(json.dumps({"questions": questions["questions"]}))
+    assert vqa_accuracy(*files)["agg_metrics"] == pytest.approx(50.0)
+
+    root = make_vqav2(tmp_path / "data")
+    question_file = root / "annotations" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    question_file.write_text(json.dumps({"info": {}, "task_type": "Open-Ended"}))
+    options = [f"datasets.coco_vqa.build_info.data_root={root}", f"run.output_dir={tmp_path / 'out'}"]
+    with pytest.raises(ValueError, match=f"official VQA file {question_file} holds no `questions` list"):
+        prepare(DEBUG / "vqav2_tiny.yaml", options)  # when the datasets are built, before training
 
 
 def test_missing_local_files_are_named(tmp_path):

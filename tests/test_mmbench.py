@@ -10,7 +10,7 @@ import pytest
 from cli import REPO, job_dirs, read_jsonl, run_module
 from instruct_fixtures import make_mmbench
 from lavis.common.registry import registry
-from mmbench_fixture import make_official_mmbench, official_rows, write_tsv
+from mmbench_fixture import COLUMNS, make_official_mmbench, official_rows, write_tsv
 
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.results import result_records
@@ -126,6 +126,22 @@ def test_a_file_without_answers_copies_or_its_shape_is_refused(tmp_path):
         build(tmp_path / "dev.tsv")
     with pytest.raises(FileNotFoundError, match="MMBench TSV not found"):
         build(tmp_path / "missing.tsv")
+
+
+def test_a_tsv_that_is_not_utf8_or_is_cut_short_is_named(tmp_path):
+    """A TSV re-saved in Latin-1: the error said "a dataset file is not UTF-8 JSON", naming no file. A download cut
+    before a row's image column: its fields are counted (checked here against the real cut file)."""
+    rows = edit(1, hint="Un carr\u00e9 est dessin\u00e9.")(official_rows())
+    tsv = tmp_path / "dev.tsv"
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(tsv, sep="\t", index=False, encoding="latin-1")
+    with pytest.raises(ValueError, match=rf"MMBench TSV {tsv} is not UTF-8 text: line 3 holds .*carr\\xe9"):
+        build(tsv)
+    text = make_official_mmbench(tsv).read_bytes()
+    third = text.index(b"\n", text.index(b"\n", text.index(b"\n") + 1) + 1) + 1  # the start of line 4
+    tsv.write_bytes(text[: text.index(b"color_reasoning", third)])  # cut at line 4's category, before its image
+    with pytest.raises(ValueError, match=rf"MMBench TSV {tsv}, line 4: the row's fields do not match the header's 14 "
+                                         "columns"):
+        build(tsv)
 
 
 def record(index, answer, prediction, category="c1", l2="l2a", rotations="tsv_copies"):

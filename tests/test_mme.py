@@ -63,6 +63,15 @@ def test_an_mme_image_without_its_question_file_is_named(tmp_path, subtask, imag
         build(root, f"datasets.ademvl_mme.build_info.subtasks=[{subtask}]")
 
 
+def test_an_mme_question_file_that_is_not_utf8_is_named(tmp_path):
+    """A question saved in Latin-1: the error said "a dataset file is not UTF-8 JSON", naming no file."""
+    root = make_mme(tmp_path)
+    questions = root / "artwork" / "questions_answers_YN" / "0001.txt"
+    questions.write_bytes("Is this painting by Dal\u00ed?\tNo\nIs the square green?\tYes\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"MME question file {questions} is not UTF-8 text: line 1 holds .*Dal\\xed"):
+        build(root)
+
+
 def record(subtask, image, index, answer, output):
     return {"question_id": f"{subtask}/{image}/{index}", "subtask": subtask, "image_name": image,
             "question": f"q{index} of {image}?", "answer": answer, "output": output}

@@ -3,6 +3,7 @@ as the evaluation of the same checkpoint did."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ from PIL import Image
 from scienceqa_fixture import make_scienceqa
 
 from lavis_ademvl import evaluate, predict, visualize
+from lavis_ademvl.datasets.datasets.coco_caption_datasets import caption_image_id
 from lavis_ademvl.inference import load_for_inference
 from lavis_ademvl.models.fusion import drop_threshold_rank
-from lavis_ademvl.tasks.captioning import karpathy_image_id
 
 DEBUG_CAPTION = TINY_SQA.parent / "coco_caption_tiny.yaml"
 PAPER_SQA_EVAL = REPO / "projects" / "ademvl" / "eval" / "sqa.yaml"
@@ -78,7 +79,7 @@ def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
     for entry in images:
         argv = ["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / entry["image"]), "--options", *options]
         assert predict.main(argv) == 0
-        assert capsys.readouterr().out.strip() == captions[karpathy_image_id(entry["image"])], entry["image"]
+        assert capsys.readouterr().out.strip() == captions[caption_image_id(entry["image"])], entry["image"]
     assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / images[0]["image"]),
                          "--question", "what?", "--options", *options]) == 0
 
@@ -92,6 +93,10 @@ def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
         # --context and --caption were ignored by an instruction: refused before any weights are loaded
         (["--instruction", "Describe it.", "--context", "A hint."], "--instruction is asked alone"),
         (["--image", "{good}", "--instruction", "Describe it.", "--caption", "A square."], "--instruction is asked alone"),
+        # bytes that are not UTF-8, as Python passes them on from the command line (lone surrogates)
+        (["--instruction", os.fsdecode(b"Describe \xff\xfe it.")], r"--instruction is not UTF-8 text: b'Describe \xff\xfe it.'"),
+        (["--question", "what?", "--choices", "red", os.fsdecode(b"bl\xe9")], r"--choices 2 is not UTF-8 text: b'bl\xe9'"),
+        (["--instruction", "Describe it.", "--options", "run.max_len=0"], "error: run.max_len=0 must be at least 1"),
     ],
 )
 def test_predict_bad_inputs(image_file, tmp_path, capsys, extra, message):

@@ -11,6 +11,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -186,7 +188,7 @@ def test_a_finished_run_is_reused_only_for_the_same_options(tmp_path, monkeypatc
     started = []
     monkeypatch.setattr(cli.subprocess, "run", lambda command: started.append(command) or _Exit(0))
     finished_run(tmp_path / "row", ["run.max_epoch=1"])
-    assert train_or_reuse(TINY_SQA, tmp_path / "row", ["run.max_epoch=1"])["Avg"] == 50.0
+    assert train_or_reuse(TINY_SQA, tmp_path / "row", ["run.max_epoch=1"])[1]["Avg"] == 50.0
     assert started == []
     # Other options: trained anew (here the stand-in run finishes nothing, so the row fails instead of reusing).
     with pytest.raises(RunFailed, match="did not finish"):
@@ -197,6 +199,33 @@ def test_a_finished_run_is_reused_only_for_the_same_options(tmp_path, monkeypatc
 class _Exit:
     def __init__(self, returncode):
         self.returncode = returncode
+
+
+def test_concurrent_runs_into_one_folder_each_record_their_own_job(sqa_root, tmp_path):
+    """Another run into the same folder (another alpha of a concurrent ablation) creates its job folder while this one
+    trains, and finishes first: it sorts as the newer job, and was taken as this run's, its metrics returned and this
+    run's request recorded in it."""
+    run_dir = tmp_path / "row"
+    options = [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", "run.max_epoch=1", "run.valid_splits=[]"]
+    other_jobs = []
+
+    def other_run():  # the other run's job, as its runner creates and writes it: <this run's job id>_1, finished
+        while not run_dir.is_dir() or not any(run_dir.iterdir()):
+            time.sleep(0.02)
+        (started,) = run_dir.iterdir()
+        job = runner_ademvl.new_job_dir(run_dir, started.name)
+        write_evaluation("test", {"Avg": 99.0, "agg_metrics": 99.0, "epoch": 0}, output_dir=job)
+        other_jobs.append(job)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    job, metrics = train_or_reuse(TINY_SQA, run_dir, options)
+    thread.join()
+    (other,) = other_jobs
+    assert job != other and job.parent == run_dir
+    assert metrics == read_evaluations(job / "evaluate.txt")[-1][1] and metrics["Avg"] != 99.0
+    assert (job / "request.yaml").read_text() == cli.run_request(TINY_SQA, options)
+    assert not (other / "request.yaml").exists()  # the other run records its own request when it ends
 
 
 def test_a_truncated_evaluate_line_is_named_and_the_job_counts_as_unfinished(tmp_path):
@@ -360,6 +389,17 @@ def test_a_bad_run_value_ends_train_before_anything_is_built(sqa_root, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_output_dir_is_refused_before_anything_is_built(sqa_root, tmp_path, capsys, monkeypatch):
+    """`run.output_dir=` (null) ended with Path's TypeError; `run.output_dir=""` put the job in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for option, shown in (("run.output_dir=", "None"), ('run.output_dir=""', "''")):
+        argv = ["--cfg-path", str(TINY_SQA), "--options", f"datasets.scienceqa_mc.build_info.data_root={sqa_root}",
+                option, "run.max_epoch=1"]
+        assert train.main(argv) == 2
+        assert f"error: run.output_dir={shown} must name a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dist_timeout_is_a_run_key_with_a_shorter_cpu_default():
     assert dist_timeout_minutes(OmegaConf.create({}), "gloo") == 10.0
     assert dist_timeout_minutes(OmegaConf.create({}), "nccl") == 60.0
@@ -400,6 +440,7 @@ def test_evaluations_name_the_checkpoint_they_scored(sqa_root, tmp_path):
     [
         (b"", "is not a readable torch checkpoint"),
         (b"model weights, honestly", "is not a readable torch checkpoint"),
+        (b"hello, these are the weights\n", r"is not a readable torch checkpoint: it starts with b'hell'"),  # was `101`
         ("truncated", "is not a readable torch checkpoint"),
         ({"weights": 1}, "holds no weights"),
         ({"model": 5}, "holds no weights"),
@@ -449,6 +490,49 @@ def test_resume_from_a_checkpoint_it_cannot_continue_is_named(experiment, sqa_ro
     other_model = {**saved, "model": {**saved["model"], "drop_ratio": 0.3}}
     with pytest.raises(ValueError, match="latest.pth was trained with other model options: drop_ratio=0.3 there, 0.1 here"):
         runner_ademvl.check_same_run(other_model, saved, "latest.pth")
+
+
+def resumed_from(checkpoint, sqa_root, tmp_path, job):
+    """A resume of `checkpoint`, written into a copy of `job` (as its checkpoint_latest.pth)."""
+    folder = tmp_path / "resumed"
+    shutil.copytree(job, folder)
+    torch.save(checkpoint, folder / "checkpoint_latest.pth")
+    path = folder / "checkpoint_latest.pth"
+    return path, prepare(TINY_SQA, sqa_options(sqa_root, tmp_path / "out", "run.max_epoch=2", "run.valid_splits=[]",
+                                               f"run.resume_ckpt_path={path}")).build_runner()
+
+
+def test_a_resumed_checkpoint_with_a_bad_epoch_or_optimizer_state_is_named(experiment, sqa_root, tmp_path):
+    """An epoch of "abc" ended with int()'s own message, an optimizer state of other shapes with torch's, mid-epoch."""
+    runner = experiment.build_runner()
+    runner._save_checkpoint(0, name="latest")
+    runner.release_job_folder()
+    saved = torch.load(runner.output_dir / "checkpoint_latest.pth", weights_only=True)
+
+    path, resumed = resumed_from({**saved, "epoch": "abc"}, sqa_root, tmp_path / "epoch", runner.output_dir)
+    with pytest.raises(ValueError, match=f"run.resume_ckpt_path={path}: epoch='abc' must be an integer"):
+        resumed.train()
+    resumed.release_job_folder()
+
+    # The state of a real AdamW step on a model with other projection widths: as many parameters, other shapes.
+    other = tiny_model(hidden_proj=8)
+    trainable = [parameter for parameter in other.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2]},
+                                   {"params": [p for p in trainable if p.ndim < 2]}])
+    sum((parameter ** 2).sum() for parameter in trainable).backward()
+    optimizer.step()
+    path, resumed = resumed_from({**saved, "optimizer": optimizer.state_dict()}, sqa_root, tmp_path / "optim",
+                                 runner.output_dir)
+    with pytest.raises(ValueError, match=rf"{path}: its optimizer state: `exp_avg` of visual_proj.fc1.weight has "
+                                         r"shape \(8, 32\), the parameter \(16, 32\)"):
+        resumed.train()
+    resumed.release_job_folder()
+    fewer = {**saved["optimizer"], "param_groups": [{**saved["optimizer"]["param_groups"][0], "params": [0]},
+                                                    saved["optimizer"]["param_groups"][1]]}
+    path, resumed = resumed_from({**saved, "optimizer": fewer}, sqa_root, tmp_path / "groups", runner.output_dir)
+    with pytest.raises(ValueError, match=rf"{path}: its optimizer state holds parameter groups of \[1, 4\] "
+                                         r"parameters, this run's optimizer \[10, 4\]"):
+        resumed.train()
 
 
 def test_resuming_a_copied_latest_checkpoint_without_its_best_is_named_before_training(experiment, sqa_root, tmp_path):
@@ -529,7 +613,7 @@ def test_an_evaluation_image_size_the_tower_cannot_take_is_named_before_training
     options = sqa_options(sqa_root, tmp_path / "out", "datasets.scienceqa_mc.vis_processor.eval.image_size=64")
     runner = prepare(TINY_SQA, options).build_runner()
     with pytest.raises(ValueError, match="datasets.scienceqa_mc.vis_processor.eval.image_size=64, but the vision tower "
-                                         "takes 32x32 images"):
+                                         "reads 32x32 images"):
         runner.train()
     assert not list(runner.output_dir.glob("checkpoint_*"))
 

@@ -148,6 +148,18 @@ def test_empty_split_is_named(tmp_path):
         build(root)
 
 
+@pytest.mark.parametrize("listed", [{"17": 1, "18": 1}, "17,18", 17])
+def test_a_split_that_is_not_a_list_of_pids_is_named(sqa_root, tmp_path, listed):
+    """A dict was read as its keys and a string as its characters, each taken as a pid; a number was not iterable."""
+    root = tmp_path / "sqa"
+    shutil.copytree(sqa_root, root)
+    splits = json.loads((root / "pid_splits.json").read_text())
+    (root / "pid_splits.json").write_text(json.dumps({**splits, "val": listed}))
+    with pytest.raises(ValueError, match=rf"split 'val' \(for val\) in {root / 'pid_splits.json'} holds a "
+                                         rf"{type(listed).__name__} .*; a split is a list of pids"):
+        build(root)
+
+
 def test_unknown_split_and_key_are_named(sqa_root):
     with pytest.raises(KeyError, match="split 'minival'"):
         build(sqa_root, build_info={"splits": {"val": "minival"}})

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
+ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTOCOL = b"\x80"  # the first byte of a pickle of protocol 2 or later: torch's legacy format
 
 
 def _qualified_name(cls: type) -> str:
@@ -40,10 +42,17 @@ def load_checkpoint_file(path: str | Path, what: str = "checkpoint") -> dict[str
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
+    with open(path, "rb") as handle:
+        start = handle.read(len(ZIP_SIGNATURE))
+    # A text file read as torch's legacy pickle fails with a bare KeyError (`error: 101`): refused by its first bytes.
+    if start and not start.startswith((ZIP_SIGNATURE, PICKLE_PROTOCOL)):
+        raise ValueError(f"{what} {path} is not a readable torch checkpoint: it starts with {start!r}, neither a zip archive "
+                         "(torch.save's format) nor a pickle")
     try:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+    # KeyError, IndexError: a damaged legacy pickle refers to memo entries that do not exist.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as error:
         refused = _refused_globals(path)
         if refused:
             raise ValueError(

@@ -13,7 +13,7 @@ A tool is a module with `main(argv) -> int`, decorated with `entry_point`, whose
 A bad input (a missing file, an unknown key or value: USER_ERRORS) ends the tool with `error: <message>` on stderr and
 exit status 2 (argparse's own status for bad arguments), a failed run (`RunFailed`) with status 1; anything else is a
 bug and keeps its traceback. `train_or_reuse` runs `python -m lavis_ademvl.train` for one experiment, or reuses its
-finished run, and returns the test metrics.
+finished run, and returns its job folder and test metrics.
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ import contextlib
 import functools
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from lavis_ademvl.common.config_files import load_with_includes, written_config
-from lavis_ademvl.common.results import finished_job, finished_test_metrics, record_request
+from lavis_ademvl.common.results import finished_job, job_test_metrics, record_request
 
 # The exceptions that mean "the input is wrong" (their messages name the file, key or value at fault).
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, KeyError, ValueError)
@@ -89,8 +90,8 @@ def train_or_reuse(
     *,
     label: str = "",
     force: bool = False,
-) -> dict:
-    """The test metrics of the experiment's training run in `run_dir` (its `run.output_dir`).
+) -> tuple[Path, dict]:
+    """(job folder, test metrics) of the experiment's training run in `run_dir` (its `run.output_dir`).
 
     A run there that finished its test evaluation for the same config and options is reused (unless `force`); a
     changed request trains anew, in a new job folder; otherwise `python -m lavis_ademvl.train`
@@ -99,22 +100,24 @@ def train_or_reuse(
     """
     label = label or Path(run_dir).name
     request = run_request(experiment, options)
-    if not force and (metrics := finished_test_metrics(run_dir, request)) is not None:
-        print(f"=== {label}: finished earlier, reused ({run_dir}) ===", flush=True)
-        return metrics
+    if not force and (finished := finished_job(run_dir, request)) is not None:
+        print(f"=== {label}: finished earlier, reused ({finished[0]}) ===", flush=True)
+        return finished
     print(f"=== {label}: training and evaluating ({run_dir}) ===", flush=True)
-    earlier_jobs = set(Path(run_dir).glob("*"))
     as_file = written_config(experiment) if isinstance(experiment, DictConfig) else contextlib.nullcontext(experiment)
-    with as_file as cfg_path:
-        command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(cfg_path),
+    with as_file as cfg_path, tempfile.TemporaryDirectory(prefix="lavis_ademvl_job_") as scratch:
+        # The run names the job folder it created: another run into run_dir at the same time creates one too.
+        job_file = Path(scratch) / "job_dir"
+        command = [sys.executable, "-m", "lavis_ademvl.train", "--cfg-path", str(cfg_path), "--job-file", str(job_file),
                    "--options", f"run.output_dir={run_dir}", *options]
         returncode = subprocess.run(command).returncode
-    finished = finished_job(run_dir, ignore=earlier_jobs)  # this run's job, never an earlier one
-    if returncode != 0 or finished is None:
-        raise RunFailed(f"{label}: the run did not finish (status {returncode}): {' '.join(command)}")
-    job, metrics = finished
+        job = Path(job_file.read_text()) if job_file.is_file() else None
+    metrics = job_test_metrics(job) if job is not None else None
+    if returncode != 0 or metrics is None:
+        where = f" in {job}" if job is not None else ""
+        raise RunFailed(f"{label}: the run{where} did not finish (status {returncode}): {' '.join(command)}")
     record_request(job, request)
-    return metrics
+    return job, metrics
 
 
 def run_request(experiment: str | Path | DictConfig, options: Sequence[str]) -> str:

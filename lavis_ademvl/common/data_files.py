@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from lavis.common.utils import get_cache_path
@@ -20,6 +21,28 @@ def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
     return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of a dataset file; one that is not UTF-8 is a ValueError naming it (`what`: the kind of file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, what) from error
+
+
+def not_utf8(path: str | Path, what: str) -> ValueError:
+    """The error for a file that is not UTF-8, naming it and its first undecodable line (a decoder reading in chunks
+    knows only a position within its chunk)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                around = line[max(error.start - 20, 0) : error.end + 20]
+                return ValueError(f"{what} {path} is not UTF-8 text: line {number} holds {around!r} ({error.reason} "
+                                  f"at byte {error.start + 1} of the line); save it as UTF-8")
+    return ValueError(f"{what} {path} is not UTF-8 text")
 
 
 def local_annotation_files(datasets_cfg: Any) -> list[tuple[str, str]]:

@@ -123,14 +123,18 @@ def finish() -> None:
 def lavis_script(
     module: str, doc: str | None, action: Callable[[Any], Any], evaluating: bool = False
 ) -> Callable[[list[str] | None], int]:
-    """The `main` of a LAVIS root script: --cfg-path and --options, `prepare`, then `action(runner)`."""
+    """The `main` of a LAVIS root script: --cfg-path, --options and --job-file, `prepare`, then `action(runner)`."""
     parser = tool_parser(module, doc)
+    parser.add_argument("--job-file", type=Path, help="write the run's job folder into this file once it is created "
+                        "(how a parent process, e.g. ablate, knows which job is its run's)")
 
     @entry_point
     def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
         runner = prepare(args.cfg_path, args.options, evaluating).build_runner()
         try:
+            if args.job_file is not None and get_rank() == 0:
+                args.job_file.write_text(str(Path(runner.output_dir).resolve()))
             action(runner)
         finally:  # also when the run fails; LAVIS's own runners hold no lock
             getattr(runner, "release_job_folder", lambda: None)()

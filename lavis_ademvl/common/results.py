@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -75,24 +74,31 @@ def _job_order(job_dir: Path) -> tuple[str, int]:
     return stamp, int(attempt) if attempt.isdigit() else 0
 
 
-def finished_job(
-    run_dir: str | Path, request: str | None = None, ignore: Collection[Path] = ()
-) -> tuple[Path, dict[str, Any]] | None:
+def finished_job(run_dir: str | Path, request: str | None = None) -> tuple[Path, dict[str, Any]] | None:
     """(job folder, test-split metrics) of the newest job under run_dir that finished its test evaluation, else
-    None. With `request`, only a job recorded with that request (`record_request`) counts; jobs in `ignore` do not.
-    A job whose evaluate.txt cannot be read (a crash cut a line short) did not finish."""
+    None. With `request`, only a job recorded with that request (`record_request`) counts. A job whose evaluate.txt
+    cannot be read (a crash cut a line short) did not finish."""
     jobs = sorted((path.parent for path in Path(run_dir).glob(f"*/{EVALUATION_FILE}")), key=_job_order, reverse=True)
-    for job in (job for job in jobs if job not in ignore):
+    for job in jobs:
         if request is not None and recorded_request(job) != request:
             continue
-        try:
-            tests = [metrics for split, metrics in read_evaluations(job / EVALUATION_FILE) if split == "test"]
-        except ValueError as error:
-            logging.warning("not counted as finished: %s", error)
-            continue
-        if tests:
-            return job, tests[-1]
+        if (metrics := job_test_metrics(job)) is not None:
+            return job, metrics
     return None
+
+
+def job_test_metrics(job_dir: str | Path) -> dict[str, Any] | None:
+    """The metrics of the last test evaluation of one job, else None (also when its evaluate.txt is missing, or cut
+    short by a crash)."""
+    path = Path(job_dir) / EVALUATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        tests = [metrics for split, metrics in read_evaluations(path) if split == "test"]
+    except ValueError as error:
+        logging.warning("not counted as finished: %s", error)
+        return None
+    return tests[-1] if tests else None
 
 
 def finished_test_metrics(run_dir: str | Path, request: str | None = None) -> dict[str, Any] | None:

@@ -43,13 +43,17 @@ DEFAULT_DIST_TIMEOUT_MINUTES = {"gloo": 10.0, "nccl": 60.0}
 
 
 def check_run_config(run_cfg: Any, known_keys: bool = False) -> None:
-    """Every number of `run:` has its type and range, every split list is a list of names (and, with `known_keys`,
-    every key is one runner_ademvl knows); errors name the key."""
+    """Every number of `run:` has its type and range, `output_dir` names a folder, every split list is a list of names
+    (and, with `known_keys`, every key is one runner_ademvl knows); errors name the key."""
     if known_keys:
         check_known_keys("run", run_cfg.keys(), RUN_KEYS)
     for key, (kind, minimum) in RUN_NUMBERS.items():
         if run_cfg.get(key) is not None:
             checked_number(f"run.{key}", run_cfg.get(key), kind, minimum)
+    if "output_dir" in run_cfg:  # None or "" would crash in the runner, or put the job folders in the working directory
+        output_dir = run_cfg.get("output_dir")
+        if not isinstance(output_dir, str) or not output_dir.strip():
+            raise ValueError(f"run.output_dir={output_dir!r} must name a folder, e.g. output/ademvl/sqa")
     for key in SPLIT_KEYS:
         splits = run_cfg.get(key)
         if splits is not None and (isinstance(splits, str) or not all(isinstance(name, str) for name in splits)):

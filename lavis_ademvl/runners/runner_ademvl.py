@@ -43,6 +43,8 @@ from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.results import EVALUATED_CHECKPOINT
 from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
 from lavis_ademvl.common.seeding import seed_everything
+from lavis_ademvl.common.validation import checked_number
+from lavis_ademvl.models.checkpoint_keys import is_authors_checkpoint
 from lavis_ademvl.models.config import AdemVLConfig
 
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
@@ -237,17 +239,17 @@ class RunnerAdemVL(RunnerBase):
                 raise KeyError(f"run.{key} names {unknown}, which the datasets do not build; built splits: {built}")
 
     def check_image_sizes(self) -> None:
-        """The image processors make images of the vision tower's size (else CLIP fails at the first evaluation)."""
-        tower = getattr(self.unwrap_dist_model(self.model), "vision_tower", None)
-        if tower is None:
+        """The image processors make images of the size the model reads (else it fails at the first evaluation)."""
+        model = self.unwrap_dist_model(self.model)
+        if getattr(model, "vision_tower", None) is None:
             return
-        expected = tower.config.image_size
+        expected = model.image_size
         for name, dataset_cfg in self.config.datasets_cfg.items():
             for role, processor_cfg in (dataset_cfg.get("vis_processor") or {}).items():
                 size = (processor_cfg or {}).get("image_size")
                 if size is not None and size != expected:
                     raise ValueError(f"datasets.{name}.vis_processor.{role}.image_size={size}, but the vision tower "
-                                     f"takes {expected}x{expected} images")
+                                     f"reads {expected}x{expected} images (model.image_size, else the tower's config)")
 
     def train_epoch(self, epoch: int) -> dict[str, str]:
         model = self.model
@@ -366,18 +368,32 @@ class RunnerAdemVL(RunnerBase):
 
     def _load_checkpoint(self, url_or_filename: str) -> None:
         checkpoint = load_checkpoint_file(url_or_filename, what="run.resume_ckpt_path: checkpoint")
+        if "args" in checkpoint or is_authors_checkpoint(checkpoint.get("model") or {}):
+            raise ValueError(
+                f"run.resume_ckpt_path={url_or_filename} is a checkpoint of the ADEM-VL authors' code, which cannot be "
+                "resumed: its optimizer state is that of their model, not of this run's. Start from its weights "
+                f"instead: --options model.finetuned={url_or_filename} model.load_finetuned=true"
+            )
         missing = [key for key in ("model", "optimizer", "epoch") if key not in checkpoint]
         if missing:
             raise ValueError(f"run.resume_ckpt_path={url_or_filename} lacks {missing}: resume from a "
                              f"{LATEST_CHECKPOINT} written by lavis_ademvl.train")
+        where = f"run.resume_ckpt_path={url_or_filename}"
+        epoch = checked_number(f"{where}: epoch", checkpoint["epoch"], int, 0)
+        best_epoch = checked_number(f"{where}: best_epoch", checkpoint.get("best_epoch", -1), int, -1)
+        best_agg_metric = checkpoint.get("best_agg_metric", -math.inf)  # -inf until a validation: not checked_number's
+        if not isinstance(best_agg_metric, (int, float)) or isinstance(best_agg_metric, bool):
+            raise ValueError(f"{where}: best_agg_metric={best_agg_metric!r} must be a number")
         check_same_run(checkpoint.get("config"), self.config.to_dict(), url_or_filename)
-        self.unwrap_dist_model(self.model).load_trainable_state(checkpoint["model"], source=url_or_filename)
+        model = self.unwrap_dist_model(self.model)
+        model.load_trainable_state(checkpoint["model"], source=url_or_filename)
+        check_optimizer_state(checkpoint["optimizer"], self.optimizer, dict(model.named_parameters()), url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch = int(checkpoint["epoch"]) + 1
-        self.best_agg_metric = float(checkpoint.get("best_agg_metric", -math.inf))
-        self.best_epoch = int(checkpoint.get("best_epoch", -1))
+        self.start_epoch = epoch + 1
+        self.best_agg_metric = float(best_agg_metric)
+        self.best_epoch = best_epoch
         best = self.output_dir / "checkpoint_best.pth"
         if self.valid_splits and self.best_epoch >= 0 and not best.is_file():
             raise FileNotFoundError(
@@ -413,6 +429,35 @@ def check_same_run(saved: dict | None, current: dict, source: str) -> None:
     if saved_task != task:
         raise ValueError(f"run.resume_ckpt_path={source} comes from a run of task {saved_task!r}, not {task!r}")
     AdemVLConfig.check_compatible(saved.get("model") or {}, current.get("model") or {}, source)
+
+
+def check_optimizer_state(
+    saved: Any, optimizer: torch.optim.Optimizer, parameters: dict[str, torch.nn.Parameter], source: str
+) -> None:
+    """A saved optimizer state fits `optimizer`: its groups hold as many parameters, and every per-parameter tensor
+    (Adam's moments) has its parameter's shape. torch checks only the counts, with a message naming neither file nor
+    group, and a moment of another shape fails only at the first step, mid-epoch."""
+    where = f"run.resume_ckpt_path={source}: its optimizer state"
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(
+        isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups
+    ):
+        raise ValueError(f"{where} is not a torch optimizer's state_dict (`state`, and `param_groups` with `params`)")
+    names = {id(parameter): name for name, parameter in parameters.items()}
+    counts = [len(group["params"]) for group in groups]
+    expected = [len(group["params"]) for group in optimizer.param_groups]
+    if counts != expected:
+        raise ValueError(f"{where} holds parameter groups of {counts} parameters, this run's optimizer {expected}: it "
+                         "was saved for other trainable parameters")
+    for saved_group, group in zip(groups, optimizer.param_groups):
+        for key, parameter in zip(saved_group["params"], group["params"]):
+            for field, value in (state.get(key) or {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise ValueError(
+                        f"{where}: `{field}` of {names.get(id(parameter), f'parameter {key}')} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(parameter.shape)}"
+                    )
 
 
 def new_job_dir(root: Path, job_id: str) -> Path:

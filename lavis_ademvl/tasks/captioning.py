@@ -18,17 +18,15 @@ import re
 from typing import Any
 
 from lavis.common.dist_utils import main_process
+from lavis.common.registry import registry
+from lavis.datasets.datasets.coco_caption_datasets import COCOCapEvalDataset
 from lavis.tasks.captioning import CaptionTask
 
 from lavis_ademvl.common.caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, score_captions
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.results import write_evaluation
 from lavis_ademvl.common.validation import check_choice
-
-
-def karpathy_image_id(image_path: str) -> int:
-    """The image id LAVIS's COCOCapEvalDataset derives from an annotation's image path (same expression)."""
-    return int(image_path.split("/")[-1].strip(".jpg").split("_")[-1])
+from lavis_ademvl.datasets.datasets.coco_caption_datasets import CaptionImagesEvalDataset, caption_image_id
 
 
 def load_coco_ground_truth(path: str) -> dict[int, list[str]]:
@@ -111,7 +109,12 @@ class OfflineCaptionTask(CaptionTask):
         ]
 
     def build_datasets(self, cfg: Any) -> dict:
-        datasets = super().build_datasets(cfg)
+        datasets = {}
+        for name, dataset_cfg in cfg.datasets_cfg.items():  # as LAVIS's BaseTask.build_datasets, but:
+            builder = registry.get_builder_class(name)(dataset_cfg)
+            if builder.eval_dataset_cls is COCOCapEvalDataset:  # its image ids also from .png names
+                builder.eval_dataset_cls = CaptionImagesEvalDataset
+            datasets[name] = builder.build_datasets()
         for splits in datasets.values():
             for split, dataset in splits.items():
                 if split == "train":
@@ -120,7 +123,7 @@ class OfflineCaptionTask(CaptionTask):
                     self.ground_truth[split] = load_coco_ground_truth(self.ground_truth_files[split])
                 else:
                     self.ground_truth[split] = {
-                        karpathy_image_id(ann["image"]): list(ann["caption"]) for ann in dataset.annotation
+                        caption_image_id(ann["image"]): list(ann["caption"]) for ann in dataset.annotation
                     }
         return datasets
 

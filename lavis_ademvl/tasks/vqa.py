@@ -1,8 +1,9 @@
 """Task `ademvl_vqa`: LAVIS's VQA task, able to evaluate a subset of the official questions.
 
 LAVIS 1.0.2's `vqa` task hands the whole official annotation file to `VQA.loadRes`, which asserts a prediction for
-every question; here the official annotations and questions are restricted to the answered questions first.
-Accuracy is the official VQAv2 10-answer metric (LAVIS's vqa_tools).
+every question; here the official annotations and questions are restricted to the answered questions first. Both
+files are checked when the datasets are built; a questions file without the header LAVIS copies (`info`, `license`,
+...) is scored as open-ended. Accuracy is the official VQAv2 10-answer metric (LAVIS's vqa_tools).
 """
 from __future__ import annotations
 
@@ -15,16 +16,31 @@ from lavis.common.vqa_tools.vqa import VQA
 from lavis.common.vqa_tools.vqa_eval import VQAEval
 from lavis.tasks.vqa import VQATask
 
+from lavis_ademvl.common.data_files import read_utf8
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.results import write_evaluation
+
+# The header of an official questions file, which LAVIS's VQA.loadRes copies (a file without one ended with `error:
+# info`); only task_type is read, and ademvl_vqa's answers are open-ended.
+QUESTIONS_HEADER = {"info": {}, "task_type": "Open-Ended", "data_type": "", "data_subtype": "", "license": {}}
+
+
+def official_vqa_file(path: str, entries: str) -> dict[str, Any]:
+    """An official VQA questions or annotations file: a JSON object with the list `entries`; errors name the file."""
+    try:
+        data = json.loads(read_utf8(path, "official VQA file"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"official VQA file {path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or not isinstance(data.get(entries), list):
+        raise ValueError(f"official VQA file {path} holds no `{entries}` list; the official layout is "
+                         f'{{"{entries}": [...], ...}}')
+    return data
 
 
 def official_vqa_subset(annotation_file: str, question_file: str, question_ids: set[int]) -> VQA:
     """The official VQA helper over only `question_ids`; an id missing from the official files is an error."""
-    with open(annotation_file) as handle:
-        annotations = json.load(handle)
-    with open(question_file) as handle:
-        questions = json.load(handle)
+    annotations = official_vqa_file(annotation_file, "annotations")
+    questions = {**QUESTIONS_HEADER, **official_vqa_file(question_file, "questions")}
     known = {a["question_id"] for a in annotations["annotations"]}
     unknown = sorted(question_ids - known)
     if unknown:
@@ -49,6 +65,13 @@ def vqa_accuracy(annotation_file: str, question_file: str, result_file: str) -> 
 
 @register("task", "ademvl_vqa")
 class SubsetVQATask(VQATask):
+    def build_datasets(self, cfg: Any) -> dict:
+        datasets = super().build_datasets(cfg)
+        for split, question_file in self.ques_files.items():  # read before training, not after it
+            official_vqa_file(question_file, "questions")
+            official_vqa_file(self.anno_files[split], "annotations")
+        return datasets
+
     @main_process
     def _report_metrics(self, result_file: str, split: str) -> dict[str, Any]:
         if split not in self.ques_files or split not in self.anno_files:

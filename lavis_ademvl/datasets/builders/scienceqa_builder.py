@@ -44,6 +44,12 @@ def _read_json(path: Path, what: str) -> dict:
     return content
 
 
+def _shown(value: Any) -> str:
+    """A JSON value by its type and start, for an error message."""
+    text = json.dumps(value)
+    return f"a {type(value).__name__} ({text[:60]}{'...' if len(text) > 60 else ''})"
+
+
 def for_split(value: Any, key: str, training: bool) -> Any:
     """A setting given once (`CQM-A`) or per role (`{train: CQM-A, eval: QCM-A}`; eval = every other split)."""
     if not isinstance(value, (dict, DictConfig)):
@@ -128,7 +134,12 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
         for split, source_split in splits.items():
             if source_split not in pid_splits:
                 raise KeyError(f"split {source_split!r} (for {split}) is not in {root / 'pid_splits.json'}: {sorted(pid_splits)}")
-            pids = [str(pid) for pid in pid_splits[source_split]]
+            listed = pid_splits[source_split]
+            # A dict or a string would be iterated as its keys or characters, each taken as a pid.
+            if not isinstance(listed, list) or not all(isinstance(pid, (str, int)) for pid in listed):
+                raise ValueError(f"split {source_split!r} (for {split}) in {root / 'pid_splits.json'} holds "
+                                 f"{_shown(listed)}; a split is a list of pids, e.g. [\"1\", \"4\"]")
+            pids = [str(pid) for pid in listed]
             if not pids:
                 raise ValueError(f"split {source_split!r} (for {split}) in {root / 'pid_splits.json'} is empty")
             missing = [pid for pid in pids if pid not in problems]

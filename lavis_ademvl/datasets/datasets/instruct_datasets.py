@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lavis_ademvl.common.data_files import read_utf8
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
 
@@ -77,8 +78,7 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        return json.loads(read_utf8(path, what))
     except json.JSONDecodeError as error:
         raise ValueError(f"{what} {path} is not valid JSON: {error}") from error
 
@@ -89,6 +89,9 @@ def all_data_conversations(path: Path, split: str, data_root: Path) -> list[Conv
     if not isinstance(data, dict) or split not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise KeyError(f"{path}: no split {split!r} (build_info.split); the file holds {keys}")
+    if not isinstance(data[split], list):
+        raise ValueError(f"{path}: split {split!r} (build_info.split) holds a {type(data[split]).__name__}; a "
+                         "split is a list of entries, [{\"qid\", \"instruction\", \"answer\", ...}, ...]")
     conversations = []
     for index, entry in enumerate(data[split]):
         entry_id = entry.get("qid", f"#{index}") if isinstance(entry, dict) else f"#{index}"

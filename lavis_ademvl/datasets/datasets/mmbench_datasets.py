@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from lavis_ademvl.common.data_files import not_utf8
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import OPTION_LETTERS, ScienceQASampleMaker, collate
 
 # Copy k of question q is row q + k * CIRCULAR_OFFSET (VLMEvalKit's mcq_circular_eval groups rows by index % 1e6).
@@ -89,13 +90,16 @@ def _read_table(path: Path) -> list[tuple[int, dict[str, str]]]:
         raise FileNotFoundError(f"MMBench TSV not found: {path}")
     csv.field_size_limit(sys.maxsize)  # base64 images are longer than csv's default field limit
     table = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
-        for row in reader:
-            if None in row or None in row.values():  # DictReader's marks of extra / absent fields
-                raise ValueError(f"MMBench TSV {path}, line {reader.line_num}: the row's fields do not match the "
-                                 f"header's {len(reader.fieldnames)} columns")
-            table.append((reader.line_num, row))
+        try:
+            for row in reader:
+                if None in row or None in row.values():  # DictReader's marks of extra / absent fields
+                    raise ValueError(f"MMBench TSV {path}, line {reader.line_num}: the row's fields do not match the "
+                                     f"header's {len(reader.fieldnames)} columns")
+                table.append((reader.line_num, row))
+        except UnicodeDecodeError as error:
+            raise not_utf8(path, "MMBench TSV") from error
         columns = reader.fieldnames or []
     if not table:
         raise ValueError(f"MMBench TSV {path} has no rows")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lavis_ademvl.common.data_files import read_utf8
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.datasets.datasets.instruct_datasets import instruction_prompt
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
@@ -67,7 +68,7 @@ def read_subtask(root: Path, subtask: str) -> list[MMEQuestion]:
     questions = []
     for txt in sorted(questions_dir.glob("*.txt")):
         image = _image_of(txt, images_dir)
-        lines = [line for line in txt.read_text().splitlines() if line.strip()]
+        lines = [line for line in read_utf8(txt, "MME question file").splitlines() if line.strip()]
         if len(lines) != QUESTIONS_PER_IMAGE:
             raise ValueError(f"MME: {txt} has {len(lines)} questions; MME asks {QUESTIONS_PER_IMAGE} per image")
         for index, line in enumerate(lines):
