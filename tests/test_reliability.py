@@ -71,7 +71,7 @@ def test_a_job_folder_is_held_by_one_run_at_a_time(experiment, sqa_root, tmp_pat
     naming a live process refuses a resume; one left by a dead process is taken over; a run removes its own at its end,
     also when it fails."""
     first = experiment.build_runner()
-    first._save_checkpoint(0, name="latest")
+    first.save_checkpoint(0, name="latest")
     job, lock = first.output_dir, first.output_dir / "job.lock"
     assert json.loads(lock.read_text())["pid"] == os.getpid()  # a fresh run holds its folder too
     first.release_job_folder()
@@ -105,7 +105,7 @@ def test_a_job_folder_is_held_by_one_run_at_a_time(experiment, sqa_root, tmp_pat
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(experiment):
     runner = experiment.build_runner()
-    runner._save_checkpoint(0, name="latest")
+    runner.save_checkpoint(0, name="latest")
     latest = runner.output_dir / "checkpoint_latest.pth"
     good = latest.read_bytes()
     with torch.no_grad():
@@ -117,13 +117,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(experiment):
 
 def test_non_finite_weights_never_replace_a_checkpoint(experiment):
     runner = experiment.build_runner()
-    runner._save_checkpoint(0, name="latest")
+    runner.save_checkpoint(0, name="latest")
     latest = runner.output_dir / "checkpoint_latest.pth"
     good = latest.read_bytes()
     with torch.no_grad():
         experiment.model.visual_value_offset[0, 1, 2] = float("inf")
     with pytest.raises(RunFailed, match=r"not saving .*checkpoint_latest.pth.*'visual_value_offset'"):
-        runner._save_checkpoint(1, name="latest")
+        runner.save_checkpoint(1, name="latest")
     assert latest.read_bytes() == good
     assert not list(runner.output_dir.glob("*.partial"))
 
@@ -154,7 +154,7 @@ def test_a_job_folder_gone_at_a_save_ends_the_run_naming_the_checkpoint(experime
     shutil.rmtree(runner.output_dir)
     runner.output_dir.write_text("not a folder")
     with pytest.raises(RunFailed, match=rf"cannot write checkpoint {runner.output_dir}/checkpoint_latest.pth: Not a directory"):
-        runner._save_checkpoint(0, name="latest")
+        runner.save_checkpoint(0, name="latest")
     assert runner.output_dir.read_text() == "not a folder"
 
 
@@ -478,7 +478,7 @@ def test_checkpoints_with_nan_weights_or_other_model_options_are_refused(tmp_pat
 
 def test_resume_from_a_checkpoint_it_cannot_continue_is_named(experiment, sqa_root, tmp_path):
     runner = experiment.build_runner()
-    runner._save_checkpoint(0, name="latest")
+    runner.save_checkpoint(0, name="latest")
     saved = torch.load(runner.output_dir / "checkpoint_latest.pth", weights_only=True)["config"]
     torch.save({"model": {}}, tmp_path / "weights_only.pth")
     options = sqa_options(sqa_root, tmp_path / "out", "run.max_epoch=2", f"run.resume_ckpt_path={tmp_path / 'weights_only.pth'}")
@@ -486,10 +486,10 @@ def test_resume_from_a_checkpoint_it_cannot_continue_is_named(experiment, sqa_ro
         prepare(TINY_SQA, options).build_runner().train()
     other_task = {**saved, "run": {**saved["run"], "task": "vqa"}}
     with pytest.raises(ValueError, match="comes from a run of task 'vqa', not 'scienceqa_mc'"):
-        runner_ademvl.check_same_run(other_task, saved, "latest.pth")
+        runner_ademvl.check_same_task(other_task, saved, "latest.pth")
     other_model = {**saved, "model": {**saved["model"], "drop_ratio": 0.3}}
     with pytest.raises(ValueError, match="latest.pth was trained with other model options: drop_ratio=0.3 there, 0.1 here"):
-        runner_ademvl.check_same_run(other_model, saved, "latest.pth")
+        runner.unwrap_dist_model(runner.model).check_resumable({"config": other_model}, "latest.pth")
 
 
 def resumed_from(checkpoint, sqa_root, tmp_path, job):
@@ -505,7 +505,7 @@ def resumed_from(checkpoint, sqa_root, tmp_path, job):
 def test_a_resumed_checkpoint_with_a_bad_epoch_or_optimizer_state_is_named(experiment, sqa_root, tmp_path):
     """An epoch of "abc" ended with int()'s own message, an optimizer state of other shapes with torch's, mid-epoch."""
     runner = experiment.build_runner()
-    runner._save_checkpoint(0, name="latest")
+    runner.save_checkpoint(0, name="latest")
     runner.release_job_folder()
     saved = torch.load(runner.output_dir / "checkpoint_latest.pth", weights_only=True)
 
@@ -538,7 +538,7 @@ def test_a_resumed_checkpoint_with_a_bad_epoch_or_optimizer_state_is_named(exper
 def test_resuming_a_copied_latest_checkpoint_without_its_best_is_named_before_training(experiment, sqa_root, tmp_path):
     runner = experiment.build_runner()
     runner.best_epoch, runner.best_agg_metric = 0, 50.0
-    runner._save_checkpoint(0, name="latest")
+    runner.save_checkpoint(0, name="latest")
     copy = tmp_path / "copied" / "checkpoint_latest.pth"
     copy.parent.mkdir()
     shutil.copy(runner.output_dir / "checkpoint_latest.pth", copy)

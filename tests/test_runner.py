@@ -144,3 +144,20 @@ def test_load_model_and_preprocess():
         answer_list=[[" yes", " no"]],
     )
     assert answers[0] in (" yes", " no")
+
+
+def test_a_task_with_its_own_train_epoch_is_refused_not_bypassed(sqa_root, tmp_path):
+    """runner_ademvl runs its own epoch loop around the task's train_step: a task's own train_epoch would be skipped
+    without a word."""
+    from lavis_ademvl.common.launch import prepare
+
+    experiment = prepare(TINY_SQA, sqa_options(sqa_root, tmp_path / "out"))
+
+    class OwnEpochTask(type(experiment.task)):
+        def train_epoch(self, *args, **kwargs):
+            raise AssertionError("never reached")
+
+    experiment.task.__class__ = OwnEpochTask
+    with pytest.raises(TypeError, match="task OwnEpochTask has its own train_epoch, which runner_ademvl's epoch loop "
+                                        "would skip"):
+        experiment.build_runner()

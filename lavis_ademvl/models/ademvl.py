@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.validation import check_choice
-from lavis_ademvl.models.checkpoint_keys import checkpoint_state, rename_legacy_keys
+from lavis_ademvl.models.checkpoint_keys import checkpoint_state, is_authors_checkpoint, rename_legacy_keys
 from lavis_ademvl.models.config import AdemVLConfig
 from lavis_ademvl.models.fusion import activate, check_scales, multiscale_pool
 from lavis_ademvl.models.memory import VisualMemory, decoder_layers
@@ -265,6 +265,19 @@ class AdemVL(RankScoringMixin, BaseModel):
         state = checkpoint_state(checkpoint, num_used_vision_layers, url_or_filename)
         self.load_trainable_state(state, source=url_or_filename)
         logging.info("loaded ADEM-VL checkpoint %s", url_or_filename)
+
+    def check_resumable(self, checkpoint: dict, path: str) -> None:
+        """A training run resumes only from a checkpoint our runner wrote with this model's options: the authors' files
+        hold their optimizer's state, not ours (their weights start a run through `model.finetuned` instead)."""
+        if "args" in checkpoint or is_authors_checkpoint(checkpoint.get("model") or {}):
+            raise ValueError(
+                f"run.resume_ckpt_path={path} is a checkpoint of the ADEM-VL authors' code, which cannot be resumed: its "
+                "optimizer state is that of their model, not of this run's. Start from its weights instead: --options "
+                f"model.finetuned={path} model.load_finetuned=true"
+            )
+        saved = checkpoint.get("config")
+        if isinstance(saved, dict) and saved.get("model"):
+            AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), path)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Trainable weights by name (those of earlier key layouts too, `checkpoint_keys.rename_legacy_keys`)."""

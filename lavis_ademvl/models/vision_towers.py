@@ -142,7 +142,10 @@ def vision_features(tower: PreTrainedModel, image: torch.Tensor, image_size: int
     hidden = output.last_hidden_state
     if family.final_norm is not None:
         hidden = tower.get_submodule(family.final_norm)(hidden)
-    patches = hidden[:, family.prefix_tokens(tower.config):]
+    prefix = family.prefix_tokens(tower.config)
+    if family.class_feature == CLASS_TOKEN and prefix == 1:
+        return hidden  # already [cls] + patches (CLIP, DINOv2): no copy
+    patches = hidden[:, prefix:]
     if family.class_feature == CLASS_TOKEN:
         cls = hidden[:, :1]
     elif output.pooler_output is not None:

@@ -9,16 +9,19 @@ Differences from LAVIS 1.0.2's `runner_base` (each fixes a problem of that relea
 - the data order and random state depend only on (seed, rank, epoch), and every epoch writes
   `checkpoint_latest.pth`, so a resumed run continues exactly where the interrupted one stopped;
 - checkpoints hold the trainable weights only and load with `weights_only=True` (`common.checkpoints`); a missing
-  trainable key is an error;
+  trainable key is an error; what a model can resume from is the model's to say (its `check_resumable`);
 - `output_dir` is relative to the working directory, and a resumed run keeps writing to its checkpoint's folder,
-  which it holds alone (`common.job_lock`).
+  which it holds alone (`common.job_lock`);
+- the epoch loop is the runner's own (`train_epoch`): it calls the task's `train_step` per batch; a task that
+  overrides LAVIS's `train_epoch` is refused rather than silently bypassed.
+
+Each override below says in one line which of these it is for; the rest of RunnerBase is used as LAVIS wrote it.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import io
-import json
 import logging
 import math
 import os
@@ -32,6 +35,7 @@ from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, m
 from lavis.common.logger import MetricLogger, SmoothedValue
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
+from lavis.tasks.base_task import BaseTask
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -44,8 +48,6 @@ from lavis_ademvl.common.results import EVALUATED_CHECKPOINT
 from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.common.validation import checked_number
-from lavis_ademvl.models.checkpoint_keys import is_authors_checkpoint
-from lavis_ademvl.models.config import AdemVLConfig
 
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 
@@ -54,6 +56,9 @@ LATEST_CHECKPOINT = "checkpoint_latest.pth"
 class RunnerAdemVL(RunnerBase):
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str) -> None:
         check_run_config(cfg.run_cfg, known_keys=True)
+        if type(task).train_epoch is not BaseTask.train_epoch or type(task)._train_inner_loop is not BaseTask._train_inner_loop:
+            raise TypeError(f"task {type(task).__name__} has its own train_epoch, which runner_ademvl's epoch loop would "
+                            "skip (it calls the task's train_step per batch); use LAVIS's runner_base for this task")
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
         self.best_agg_metric = -math.inf
         self.best_epoch = -1
@@ -62,6 +67,7 @@ class RunnerAdemVL(RunnerBase):
     # ------------------------------------------------------------------ setup
 
     def setup_output_dir(self) -> None:
+        # Relative to the working directory (not LAVIS's library root), a new folder per run, held while it runs.
         resume = self.config.run_cfg.get("resume_ckpt_path")
         if resume and not self.evaluate_only:
             output_dir = Path(resume).resolve().parent
@@ -91,14 +97,14 @@ class RunnerAdemVL(RunnerBase):
         return int(self.config.run_cfg.get("seed", 42))
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device:  # `auto` resolved, also when LAVIS's own train.py starts the run
         # LAVIS's own train.py leaves `run.device: auto` as it is (our launcher resolves it); resolve it here too.
         if self._device is None:
             self._device = torch.device(resolve_device(self.config.run_cfg.get("device", "auto")))
         return self._device
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> torch.nn.Module:  # moved and wrapped once (the base returns None once it is on the device)
         if self._wrapped_model is None:
             if getattr(self._model, "llm_spans_devices", False) and self.use_distributed:
                 raise ValueError("model.llm_device_map spreads one model over several GPUs in one process; run it "
@@ -116,7 +122,7 @@ class RunnerAdemVL(RunnerBase):
         return self._wrapped_model
 
     @property
-    def scaler(self) -> torch.amp.GradScaler | None:
+    def scaler(self) -> torch.amp.GradScaler | None:  # decided by device and dtype (float16 on CUDA), not run.amp alone
         if self._scaler is None:
             dtype = getattr(self._model, "compute_dtype", torch.float32)
             if needs_loss_scaling(self.device, dtype, bool(self.config.run_cfg.get("amp", False))):
@@ -124,7 +130,7 @@ class RunnerAdemVL(RunnerBase):
         return self._scaler
 
     @property
-    def lr_scheduler(self) -> Any:
+    def lr_scheduler(self) -> Any:  # told the iterations per epoch, for per-iteration schedules
         if self._lr_sched is None:
             run_cfg = self.config.run_cfg
             scheduler_cls = registry.get_lr_scheduler_class(run_cfg.lr_sched)
@@ -144,7 +150,7 @@ class RunnerAdemVL(RunnerBase):
             )
         return self._lr_sched
 
-    def create_loaders(
+    def create_loaders(  # a sampler whose order depends only on (seed, epoch), in one process too; no CUDA prefetch
         self,
         datasets: list,
         num_workers: int,
@@ -183,7 +189,7 @@ class RunnerAdemVL(RunnerBase):
 
     # ------------------------------------------------------------------ training
 
-    def train(self) -> None:
+    def train(self) -> None:  # a resume point every epoch, best-metric state that resumes, run.epochs_per_job
         start_time = time.time()
         self.log_config()
         self.check_splits()
@@ -204,20 +210,20 @@ class RunnerAdemVL(RunnerBase):
                 self.trained_here = True
                 # Saved before validation, so that a failure there loses no training.
                 if not self.valid_splits:
-                    self._save_checkpoint(cur_epoch, name=str(cur_epoch))
-                self._save_checkpoint(cur_epoch, name="latest")
+                    self.save_checkpoint(cur_epoch, name=str(cur_epoch))
+                self.save_checkpoint(cur_epoch, name="latest")
             for split_name in self.valid_splits:
                 logging.info("Evaluating on %s.", split_name)
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
                 if val_log is not None and is_main_process():
                     if val_log["agg_metrics"] > self.best_agg_metric and split_name == "val":
                         self.best_epoch, self.best_agg_metric = cur_epoch, val_log["agg_metrics"]
-                        self._save_checkpoint(cur_epoch, name="best")
+                        self.save_checkpoint(cur_epoch, name="best")
                     self.log_stats({**val_log, "best_epoch": self.best_epoch}, split_name)
             if self.evaluate_only:
                 break
             if self.valid_splits:
-                self._save_checkpoint(cur_epoch, name="latest")  # again, with the best epoch so far
+                self.save_checkpoint(cur_epoch, name="latest")  # again, with the best epoch so far
             self._barrier()
 
         if not self.evaluate_only and end_epoch < self.max_epoch:
@@ -251,7 +257,7 @@ class RunnerAdemVL(RunnerBase):
                     raise ValueError(f"datasets.{name}.vis_processor.{role}.image_size={size}, but the vision tower "
                                      f"reads {expected}x{expected} images (model.image_size, else the tower's config)")
 
-    def train_epoch(self, epoch: int) -> dict[str, str]:
+    def train_epoch(self, epoch: int) -> dict[str, str]:  # exact resume, accumulation without all-reduce, one host read
         model = self.model
         model.train()
         loader = self.train_loader
@@ -302,7 +308,7 @@ class RunnerAdemVL(RunnerBase):
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def eval_epoch(self, split_name: str, cur_epoch: Any, skip_reload: bool = False) -> dict | None:
+    def eval_epoch(self, split_name: str, cur_epoch: Any, skip_reload: bool = False) -> dict | None:  # names the weights
         data_loader = self.dataloaders.get(split_name)
         if data_loader is None:
             raise KeyError(f"no dataset split {split_name!r} was built; built splits: {sorted(self.dataloaders)}")
@@ -332,7 +338,9 @@ class RunnerAdemVL(RunnerBase):
     # ------------------------------------------------------------------ checkpoints
 
     @main_process
-    def _save_checkpoint(self, cur_epoch: int, name: str = "latest") -> None:
+    def save_checkpoint(self, cur_epoch: int, name: str = "latest") -> None:
+        """checkpoint_<name>.pth: the trainable weights and the state a resume needs, written whole or not at all
+        (LAVIS's `_save_checkpoint` writes every buffer, in place; this runner never calls it)."""
         model = self.unwrap_dist_model(self.model)
         checkpoint = {
             "model": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
@@ -362,18 +370,16 @@ class RunnerAdemVL(RunnerBase):
             raise RunFailed(f"cannot write checkpoint {path}: {error.strerror or error}") from error
         logging.info("Saved epoch %d checkpoint to %s", cur_epoch, path)
 
-    def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:  # safe load, every trainable key
         model.load_checkpoint(str(self.output_dir / "checkpoint_best.pth"))
         return model
 
-    def _load_checkpoint(self, url_or_filename: str) -> None:
+    def _load_checkpoint(self, url_or_filename: str) -> None:  # validated, exact resume (random state, best epoch)
         checkpoint = load_checkpoint_file(url_or_filename, what="run.resume_ckpt_path: checkpoint")
-        if "args" in checkpoint or is_authors_checkpoint(checkpoint.get("model") or {}):
-            raise ValueError(
-                f"run.resume_ckpt_path={url_or_filename} is a checkpoint of the ADEM-VL authors' code, which cannot be "
-                "resumed: its optimizer state is that of their model, not of this run's. Start from its weights "
-                f"instead: --options model.finetuned={url_or_filename} model.load_finetuned=true"
-            )
+        model = self.unwrap_dist_model(self.model)
+        check_resumable = getattr(model, "check_resumable", None)  # the model's own rule (ADEM-VL: its options match)
+        if check_resumable is not None:
+            check_resumable(checkpoint, url_or_filename)
         missing = [key for key in ("model", "optimizer", "epoch") if key not in checkpoint]
         if missing:
             raise ValueError(f"run.resume_ckpt_path={url_or_filename} lacks {missing}: resume from a "
@@ -384,8 +390,7 @@ class RunnerAdemVL(RunnerBase):
         best_agg_metric = checkpoint.get("best_agg_metric", -math.inf)  # -inf until a validation: not checked_number's
         if not isinstance(best_agg_metric, (int, float)) or isinstance(best_agg_metric, bool):
             raise ValueError(f"{where}: best_agg_metric={best_agg_metric!r} must be a number")
-        check_same_run(checkpoint.get("config"), self.config.to_dict(), url_or_filename)
-        model = self.unwrap_dist_model(self.model)
+        check_same_task(checkpoint.get("config"), self.config.to_dict(), url_or_filename)
         model.load_trainable_state(checkpoint["model"], source=url_or_filename)
         check_optimizer_state(checkpoint["optimizer"], self.optimizer, dict(model.named_parameters()), url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -402,7 +407,7 @@ class RunnerAdemVL(RunnerBase):
             )
         logging.info("Resumed from %s at epoch %d", url_or_filename, self.start_epoch)
 
-    def _synchronize_meters(self, metric_logger: MetricLogger) -> None:
+    def _synchronize_meters(self, metric_logger: MetricLogger) -> None:  # new: LAVIS's always allocates on CUDA
         """Average meters over ranks on the run's device (LAVIS's version always allocates on CUDA)."""
         if not self.use_distributed:
             return
@@ -411,24 +416,19 @@ class RunnerAdemVL(RunnerBase):
             dist.all_reduce(totals)
             meter.count, meter.total = int(totals[0].item()), totals[1].item()
 
-    def _barrier(self) -> None:
+    def _barrier(self) -> None:  # new: no barrier without a process group
         if self.use_distributed and dist.is_initialized():
             dist.barrier()
 
-    @main_process
-    def log_stats(self, stats: dict, split_name: str) -> None:
-        with open(self.output_dir / "log.txt", "a") as handle:
-            handle.write(json.dumps({f"{split_name}_{k}": v for k, v in stats.items()}) + "\n")
 
 
-def check_same_run(saved: dict | None, current: dict, source: str) -> None:
-    """A resumed run continues the run its checkpoint came from: the same task and model options."""
+def check_same_task(saved: dict | None, current: dict, source: str) -> None:
+    """A resumed run continues the run its checkpoint came from: the same task (the model checks its own options)."""
     if not saved:
         return
     saved_task, task = (saved.get("run") or {}).get("task"), (current.get("run") or {}).get("task")
     if saved_task != task:
         raise ValueError(f"run.resume_ckpt_path={source} comes from a run of task {saved_task!r}, not {task!r}")
-    AdemVLConfig.check_compatible(saved.get("model") or {}, current.get("model") or {}, source)
 
 
 def check_optimizer_state(
