@@ -36,7 +36,7 @@ lint: install
 	$(PY) -m ruff check .
 
 demo: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore $(PY) -m lavis_ademvl.demo
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore $(PY) -m lavis_ademvl.cli demo
 
 gpu-check:
 	GPU_CHECK_PYTHON=$(PY) bash benchmarks/gpu_check.sh

@@ -17,7 +17,7 @@ H200 (an estimate: no GPU has run it yet):
   tiny-fp16-amp         model.llm_dtype=float16 run.amp=true (the loss scaler)
   quant-8bit            a random LLaMA saved to a folder, loaded with model.llm_quantization=8bit
   quant-4bit            the same, 4bit
-  smollm2-demo          projects/ademvl/demo/sqa_smollm2.yaml on its assets (python -m lavis_ademvl.assets, a small
+  smollm2-demo          projects/ademvl/demo/sqa_smollm2.yaml on its assets (ademvl assets, a small
                         question set, built in the background from the start): train and test, then the evaluation
                         config on its checkpoint gives the same accuracy
   fusion-speed-llama7b  python -m benchmarks.fusion_speed --shape llama7b (bfloat16, built on the GPU)
@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "projects" / "ademvl" / "demo"
 TINY_SQA = REPO / "projects" / "ademvl" / "debug" / "sqa_tiny.yaml"
 CPU_TESTS = ["tests/test_fused_attend.py", "tests/test_fusion.py"]  # the fast ones: a few seconds on 2 cores
-# The tiny runs' ScienceQA-layout questions (python -m lavis_ademvl.assets' builder), and the SmolLM2 demo's: one
+# The tiny runs' ScienceQA-layout questions (ademvl assets' builder), and the SmolLM2 demo's: one
 # epoch of 48 questions in batches of 2 and 24 test questions keep it to a minute on a GPU.
 TINY_QUESTIONS = {"num_train": 16, "num_val": 8, "num_test": 8}
 DEMO_QUESTIONS = {"num_train": 48, "num_val": 3, "num_test": 24}
@@ -157,7 +157,7 @@ class Context:
 
     def start_assets(self) -> None:
         """The SmolLM2 demo's assets, built in the background while the other checks run (CPU only, minutes)."""
-        argv = [sys.executable, "-m", "lavis_ademvl.assets", "--cache-dir", str(self.work / "assets"),
+        argv = [sys.executable, "-m", "lavis_ademvl.cli", "assets", "--cache-dir", str(self.work / "assets"),
                 "--what", "smollm2", "clip", "scienceqa", *(f"--{k.replace('_', '-')}={v}" for k, v in DEMO_QUESTIONS.items())]
         with (self.logs / "smollm2-assets.log").open("w") as log:
             log.write(f"$ {' '.join(argv)}\n")
@@ -383,7 +383,7 @@ def random_llama(folder: Path) -> Path:
 def smollm2_demo(ctx: Context) -> str:
     expect(ctx.assets is not None, "the assets were not started")
     if wait(ctx.assets, ctx.deadline) != 0:
-        raise CheckFailed(f"python -m lavis_ademvl.assets failed: see {ctx.logs / 'smollm2-assets.log'}")
+        raise CheckFailed(f"ademvl assets failed: see {ctx.logs / 'smollm2-assets.log'}")
     cache = {"LAVIS_ADEMVL_CACHE": str(ctx.work / "assets")}
     trained = checked_job(ctx.train("smollm2", "smollm2", env=cache), ctx.device, epochs=1)
     metrics = metrics_of_test(trained)

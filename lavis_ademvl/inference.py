@@ -65,9 +65,9 @@ class AnsweringPath:
     answer: Callable[[AdemVL, dict[str, Any], DictConfig, Question], Answer]
 
 
-def question_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+def question_parser(command: str, doc: str | None) -> argparse.ArgumentParser:
     """The arguments of a tool that asks the model one question (`predict`, `visualize`)."""
-    parser = tool_parser(module, doc)
+    parser = tool_parser(command, doc)
     parser.add_argument("--checkpoint", help="a checkpoint written by lavis_ademvl.train or released by the authors")
     parser.add_argument("--image", help="image file (optional for multiple-choice questions)")
     parser.add_argument("--question", help="question; none: caption the image")
@@ -160,7 +160,7 @@ def multiple_choice_batch(config: DictConfig, processor: Any, question: Question
     if not question.text or not question.choices:
         raise ValueError("this config answers multiple-choice questions (task scienceqa_mc): give --question and --choices")
     builder = registry.get_builder_class(MULTIPLE_CHOICE_TASK)(config.datasets[MULTIPLE_CHOICE_TASK])
-    builder.check_keys()
+    builder.checked_build_info()
     if question.caption and not builder.uses_captions(training=False):
         raise ValueError("--caption: this config evaluates without captions (datasets.scienceqa_mc.build_info.use_caption)")
     builder.build_processors()

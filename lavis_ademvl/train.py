@@ -1,13 +1,8 @@
-"""Train (and evaluate) with LAVIS, ADEM-VL registered: `python -m lavis_ademvl.train --cfg-path X.yaml`,
-installed also as `python -m lavis.train` (lavis_ademvl_discovery.py)."""
-from __future__ import annotations
-
+"""`python -m lavis_ademvl.train` (and `torchrun -m lavis_ademvl.train`): the same program as `ademvl train`
+(lavis_ademvl/cli/train.py), kept at this path for existing scripts and launchers."""
 import sys
 
-import lavis_ademvl  # noqa: F401  (registers the model, data, task and runner)
-from lavis_ademvl.common.launch import lavis_script
-
-main = lavis_script("lavis_ademvl.train", __doc__, lambda runner: runner.train())
+from lavis_ademvl.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

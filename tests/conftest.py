@@ -105,7 +105,7 @@ TEST_CLIP_STEPS = 150
 
 @pytest.fixture(scope="session")
 def asset_cache(tmp_path_factory) -> Path:
-    """One asset cache for the whole session, laid out as `python -m lavis_ademvl.assets` lays it out."""
+    """One asset cache for the whole session, laid out as `ademvl assets` lays it out."""
     return tmp_path_factory.mktemp("asset_cache")
 
 

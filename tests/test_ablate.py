@@ -5,7 +5,7 @@ import json
 
 from cli import REPO, TINY_SQA
 
-from lavis_ademvl import ablate
+from lavis_ademvl.cli import ablate
 from lavis_ademvl.common.results import finished_test_metrics, read_evaluations, write_evaluation
 
 ABLATIONS = REPO / "projects" / "ademvl" / "ablations"

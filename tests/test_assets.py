@@ -24,9 +24,9 @@ from lavis_ademvl.assets import (
     read_marker,
 )
 from lavis_ademvl.assets import smollm2 as smollm2_module
-from lavis_ademvl.assets.__main__ import main as assets_main
 from lavis_ademvl.assets._atomic import build_atomically
 from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, FAMILY_WEIGHTS, NEUTRAL_HINTS, SHAPES, family_of
+from lavis_ademvl.cli.assets import main as assets_main
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS
 
 SPLITS = ("train", "val", "test")

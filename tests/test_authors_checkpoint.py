@@ -15,7 +15,7 @@ from cli import TINY_SQA
 from helpers import make_batch, tiny_config, tiny_model
 from timm.optim import param_groups_weight_decay
 
-from lavis_ademvl import predict
+from lavis_ademvl.cli import predict
 from lavis_ademvl.common.checkpoints import load_checkpoint_file
 from lavis_ademvl.common.launch import prepare
 from lavis_ademvl.models.ademvl import AdemVL

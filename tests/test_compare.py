@@ -5,7 +5,7 @@ import os
 
 from cli import TINY_SQA
 
-from lavis_ademvl import compare
+from lavis_ademvl.cli import compare
 
 
 def test_two_variants_and_a_skipped_model(sqa_root, tmp_path, monkeypatch, capsys):

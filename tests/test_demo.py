@@ -1,4 +1,4 @@
-"""`python -m lavis_ademvl.demo` end to end, with the demo's real assets but a tiny random LLM in place of SmolLM2 (the
+"""`ademvl demo` end to end, with the demo's real assets but a tiny random LLM in place of SmolLM2 (the
 SmolLM2 recipe itself is trained twice in test_assets.py): the same command prints the same results, `--seeds`
 adds the spread, a finished run is reused, and the output ends with Table I and the drop-map pictures."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from cli import REPO, job_dirs
 from conftest import TEST_CLIP_STEPS
 
-from lavis_ademvl import demo
 from lavis_ademvl.assets.demo_clip import RECIPE
 from lavis_ademvl.assets.easyvqa_sqa import FAMILIES, family_of
+from lavis_ademvl.cli import demo
 from lavis_ademvl.common.results import finished_job, result_records
 
 DEMO_CONFIG = REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml"

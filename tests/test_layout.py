@@ -9,7 +9,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lavis_ademvl"
 ABOVE_COMMON = ("lavis_ademvl.models", "lavis_ademvl.tasks", "lavis_ademvl.datasets", "lavis_ademvl.runners",
                 "lavis_ademvl.processors")
-TOOLS = sorted(PACKAGE.glob("*.py")) + [PACKAGE.parent / "benchmarks" / "fusion_speed.py"]
+TOOLS = [*sorted(PACKAGE.glob("*.py")), *sorted((PACKAGE / "cli").glob("*.py")),
+         PACKAGE.parent / "benchmarks" / "fusion_speed.py"]
 # The model's modules use one another through their public faces too (scoring is a mixin of the model).
 MODELS = sorted((PACKAGE / "models").glob("*.py"))
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
 
-from lavis_ademvl import params, predict
+from lavis_ademvl.cli import params, predict
 from lavis_ademvl.inference import Question, load_for_inference, question_batch
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool

@@ -9,7 +9,7 @@ from cli import REPO, job_dirs, read_jsonl, run_module
 from instruct_fixtures import MME_SEPARATE, MME_SIDE_BY_SIDE, make_mme
 from lavis.common.registry import registry
 
-from lavis_ademvl import evaluate, predict
+from lavis_ademvl.cli import evaluate, predict
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.inference import Question, load_for_inference, question_batch
 from lavis_ademvl.tasks.mme import instruction_outputs, mme_metrics, read_yes_no, write_result_files

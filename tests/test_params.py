@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from cli import REPO
 
-from lavis_ademvl import params
+from lavis_ademvl.cli import params
 
 SQA = REPO / "projects" / "ademvl" / "sqa.yaml"
 

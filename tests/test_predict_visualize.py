@@ -13,7 +13,7 @@ from lavis_fixtures import make_coco_caption
 from PIL import Image
 from scienceqa_fixture import make_scienceqa
 
-from lavis_ademvl import evaluate, predict, visualize
+from lavis_ademvl.cli import evaluate, predict, visualize
 from lavis_ademvl.datasets.datasets.coco_caption_datasets import caption_image_id
 from lavis_ademvl.inference import load_for_inference
 from lavis_ademvl.models.fusion import drop_threshold_rank

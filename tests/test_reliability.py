@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_scienceqa import build
 
-from lavis_ademvl import ablate, train, visualize
+from lavis_ademvl.cli import ablate, train, visualize
 from lavis_ademvl.common import cli
 from lavis_ademvl.common.cli import RunFailed, train_or_reuse
 from lavis_ademvl.common.config_files import load_experiment, load_with_includes, parse_options

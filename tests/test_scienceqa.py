@@ -11,7 +11,7 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 from scienceqa_fixture import make_scienceqa
 
-from lavis_ademvl import evaluate, train
+from lavis_ademvl.cli import evaluate, train
 from lavis_ademvl.common.results import read_evaluations
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import build_prompt
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, first_capital_letter, scienceqa_metrics
@@ -163,7 +163,7 @@ def test_a_split_that_is_not_a_list_of_pids_is_named(sqa_root, tmp_path, listed)
 def test_unknown_split_and_key_are_named(sqa_root):
     with pytest.raises(KeyError, match="split 'minival'"):
         build(sqa_root, build_info={"splits": {"val": "minival"}})
-    with pytest.raises(KeyError, match="build_info.image_root"):
+    with pytest.raises(KeyError, match=r"unknown datasets.scienceqa_mc.build_info config key\(s\) \['image_root'\]"):
         build(sqa_root, build_info={"image_root": "x"})
     with pytest.raises(ValueError, match="prompt_format='QA'"):
         build(sqa_root, prompt_format="QA")

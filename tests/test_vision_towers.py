@@ -21,7 +21,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from lavis_ademvl import params, predict
+from lavis_ademvl.cli import params, predict
 from lavis_ademvl.inference import Question, load_for_inference, question_batch
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.fusion import multiscale_pool
@@ -247,7 +247,7 @@ def test_folders_of_other_models_are_refused_by_name(tmp_path):
 
 def test_readme_backbone_table_is_what_params_prints(capsys):
     """Each row of README's backbone table: trainable, frozen (LLM + tower blocks) and fused layers as
-    `python -m lavis_ademvl.params --model-type <type>` prints them."""
+    `ademvl params --model-type <type>` prints them."""
     readme = (TINY_SQA.parents[3] / "README.md").read_text()
     rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([\d,]+) \| ([\d,]+) \| (\d+) \|$", readme, re.MULTILINE)
     assert {row[0] for row in rows} >= {"llama7b", "llama3_8b_siglip", "qwen2_5_7b_siglip"}

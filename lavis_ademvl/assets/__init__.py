@@ -7,7 +7,7 @@
 
 Every builder is idempotent: it returns at once when its output folder holds a finished build with the
 same parameters (a `.complete` marker written last), and an interrupted build never looks finished.
-Command line: `python -m lavis_ademvl.assets --help`.
+Command line: `ademvl assets --help`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A tool is a module with `main(argv) -> int`, decorated with `entry_point`, whose parser comes from `tool_parser`:
 
-    PARSER = tool_parser("lavis_ademvl.mytool", __doc__)       # --cfg-path and --options
+    PARSER = tool_parser("mytool", __doc__)       # --cfg-path and --options
     PARSER.add_argument("--checkpoint")
 
     @entry_point
@@ -41,10 +41,10 @@ class RunFailed(RuntimeError):
     process that failed): `error: <message>` and exit status 1."""
 
 
-def tool_parser(module: str, doc: str | None, *, experiment: bool = True) -> argparse.ArgumentParser:
-    """An argument parser for `python -m <module>` described by the first paragraph of `doc`; `experiment` adds
+def tool_parser(command: str, doc: str | None, *, experiment: bool = True) -> argparse.ArgumentParser:
+    """An argument parser for `ademvl <command>` described by the first paragraph of `doc`; `experiment` adds
     --cfg-path (required) and --options."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"ademvl {command}", description=(doc or "").split("\n\n")[0])
     if experiment:
         parser.add_argument("--cfg-path", required=True, help="experiment config (yaml, may use `includes:`)")
         add_options_argument(parser)

@@ -121,10 +121,10 @@ def finish() -> None:
 
 
 def lavis_script(
-    module: str, doc: str | None, action: Callable[[Any], Any], evaluating: bool = False
+    command: str, doc: str | None, action: Callable[[Any], Any], evaluating: bool = False
 ) -> Callable[[list[str] | None], int]:
     """The `main` of a LAVIS root script: --cfg-path, --options and --job-file, `prepare`, then `action(runner)`."""
-    parser = tool_parser(module, doc)
+    parser = tool_parser(command, doc)
     parser.add_argument("--job-file", type=Path, help="write the run's job folder into this file once it is created "
                         "(how a parent process, e.g. ablate, knows which job is its run's)")
 

@@ -1,7 +1,7 @@
 """Every option of the `ademvl` model (the `model:` section of a config): its default, allowed values and meaning.
 
 `AdemVLConfig` is the one place they live. `from_dict` reads a model section, rejecting unknown keys with the list of
-known ones, and `validate` checks every value; `markdown_table` writes the README's table of model keys
+known ones, and `validate` checks every value; `markdown_table` writes the table of model keys in docs/configuration.md
 (`python -m lavis_ademvl.models.config`; a test keeps the two equal). A new option is one field here, read where it is
 used as `config.<name>`.
 """
@@ -214,7 +214,7 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of model keys: key, default, accepted values, meaning."""
+    """docs/configuration.md's table of model keys: key, default, accepted values, meaning."""
     lines = ["| key | default | values | meaning |", "| --- | --- | --- | --- |"]
     for config_field in dataclasses.fields(AdemVLConfig):
         default = config_field.default_factory() if config_field.default is dataclasses.MISSING else config_field.default

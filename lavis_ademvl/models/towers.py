@@ -3,7 +3,7 @@
 `load_towers` reads a model config and returns the LLM, its tokenizer, the vision tower (None for text-only
 `fusion: none`; its families: `vision_towers.py`) and the dtype they compute in. `meta_towers` builds the same towers
 with no weight at all, from configurations only (a local config.json, a `llm_config`/`vision_config` dict, or the
-built-in shapes of the checkpoints our model types name): the parameter report of `python -m lavis_ademvl.params`.
+built-in shapes of the checkpoints our model types name): the parameter report of `ademvl params`.
 """
 from __future__ import annotations
 

@@ -6,31 +6,18 @@ import logging
 import os
 from pathlib import Path
 
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
-
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.common.validation import check_choice, check_known_keys
+from lavis_ademvl.datasets.builders.local_files import LocalFilesBuilder
 from lavis_ademvl.datasets.datasets.mmbench_datasets import ROTATION_SOURCES, ROTATIONS_OURS, MMBenchDataset, read_tsv
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import QuestionFormat, ScienceQASampleMaker
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "ademvl_mmbench"
-DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "type", "prompt_style", "prompt_format",
-                "answer_format"}
-BUILD_INFO_KEYS = {"tsv", "circular"}
-
 
 @register("builder", "ademvl_mmbench")
-class MMBenchBuilder(BaseDatasetBuilder):
+class MMBenchBuilder(LocalFilesBuilder):
+    name = "ademvl_mmbench"
+    DATASET_KEYS = LocalFilesBuilder.DATASET_KEYS | {"prompt_style", "prompt_format", "answer_format"}
+    BUILD_INFO_KEYS = frozenset({"tsv", "circular"})
     eval_dataset_cls = MMBenchDataset
-    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "defaults.yaml")}
-
-    @classmethod
-    def default_config_path(cls, type: str = "default") -> str:
-        check_choice("ademvl_mmbench type", type, tuple(cls.DATASET_CONFIG_DICT))
-        return cls.DATASET_CONFIG_DICT[type]
-
-    def build_datasets(self) -> dict[str, MMBenchDataset]:
-        return self.build()
 
     def question_format(self) -> QuestionFormat:
         values = {key: self.config.get(key, default) for key, default in
@@ -41,9 +28,7 @@ class MMBenchBuilder(BaseDatasetBuilder):
             raise ValueError(f"datasets.ademvl_mmbench.{error}") from error
 
     def build(self) -> dict[str, MMBenchDataset]:
-        check_known_keys("datasets.ademvl_mmbench", set(self.config.keys()), DATASET_KEYS)
-        build_info = self.config.get("build_info") or {}
-        check_known_keys("datasets.ademvl_mmbench.build_info", set(build_info.keys()), BUILD_INFO_KEYS)
+        build_info = self.checked_build_info()
         question_format = self.question_format()
         circular = build_info.get("circular", True)
         if not isinstance(circular, bool):

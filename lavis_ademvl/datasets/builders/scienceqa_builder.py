@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import DictConfig
 
 from lavis_ademvl.common.registration import register
+from lavis_ademvl.datasets.builders.local_files import LocalFilesBuilder
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import (
     QuestionFormat,
     ScienceQADataset,
@@ -18,10 +17,6 @@ from lavis_ademvl.datasets.datasets.scienceqa_datasets import (
     check_problem,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "scienceqa_mc"
-DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "prompt_style", "prompt_format",
-                "answer_format", "type"}
-BUILD_INFO_KEYS = {"data_root", "splits", "use_caption"}
 IMAGE_FOLDERS = ("train", "val", "test")
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
 # Keys that may differ between the training split and the evaluation splits ({train: .., eval: ..}).
@@ -62,28 +57,12 @@ def for_split(value: Any, key: str, training: bool) -> Any:
 
 
 @register("builder", "scienceqa_mc")
-class ScienceQAMCBuilder(BaseDatasetBuilder):
+class ScienceQAMCBuilder(LocalFilesBuilder):
+    name = "scienceqa_mc"
+    DATASET_KEYS = LocalFilesBuilder.DATASET_KEYS | {"prompt_style", "prompt_format", "answer_format"}
+    BUILD_INFO_KEYS = frozenset({"data_root", "splits", "use_caption"})
     train_dataset_cls = ScienceQADataset
     eval_dataset_cls = ScienceQADataset
-    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "defaults.yaml")}
-
-    @classmethod
-    def default_config_path(cls, type: str = "default") -> str:
-        if type not in cls.DATASET_CONFIG_DICT:
-            raise KeyError(f"unknown scienceqa_mc type {type!r}; choose one of {sorted(cls.DATASET_CONFIG_DICT)}")
-        return cls.DATASET_CONFIG_DICT[type]
-
-    def build_datasets(self) -> dict[str, ScienceQADataset]:
-        # Local files only: every rank reads them, nothing to download or wait for.
-        return self.build()
-
-    def check_keys(self) -> None:
-        unknown = sorted(set(self.config.keys()) - DATASET_KEYS)
-        build_info = self.config.get("build_info") or {}
-        unknown += sorted(f"build_info.{key}" for key in set(build_info.keys()) - BUILD_INFO_KEYS)
-        if unknown:
-            raise KeyError(f"unknown scienceqa_mc config key(s) {unknown}; known keys: {sorted(DATASET_KEYS)}, "
-                           f"build_info: {sorted(BUILD_INFO_KEYS)}")
 
     def question_format(self, training: bool) -> QuestionFormat:
         """The training split's or the evaluation splits' question format, from the config (errors name the key)."""
@@ -109,19 +88,11 @@ class ScienceQAMCBuilder(BaseDatasetBuilder):
         return ScienceQASampleMaker(self.question_format(training), self.vis_processors[role], self.text_processors[role])
 
     def build(self) -> dict[str, ScienceQADataset]:
-        self.check_keys()
-        build_info = self.config.build_info
+        build_info = self.checked_build_info()
         for training in (True, False):
             self.question_format(training)  # every setting is checked before any file is read
             self.uses_captions(training)
-        if not build_info.get("data_root"):
-            raise ValueError(
-                "datasets.scienceqa_mc.build_info.data_root is not set; point it at the folder holding "
-                "problems.json, pid_splits.json and images/"
-            )
-        root = Path(os.path.expanduser(str(build_info.data_root)))
-        if not root.is_dir():
-            raise FileNotFoundError(f"ScienceQA data_root is not a folder: {root}")
+        root = self.data_root(build_info, "the folder holding problems.json, pid_splits.json and images/")
         problems = _read_json(root / "problems.json", "problems file")
         pid_splits = _read_json(root / "pid_splits.json", "split file")
         splits = build_info.get("splits") or DEFAULT_SPLITS

@@ -1,6 +1,6 @@
 """Drop maps (paper Fig. 3): which visual features the adaptive drop keeps, at each scale, beside the image.
 
-  python -m lavis_ademvl.visualize --cfg-path CONFIG [--checkpoint CKPT] --image x.png --question "..." \
+  ademvl visualize --cfg-path CONFIG [--checkpoint CKPT] --image x.png --question "..." \
       [--choices A B ...] [--layer all|N] --out maps.png
 
 For each decoder layer the text tokens' attention scores over the Nv visual features are thresholded as in
@@ -27,7 +27,7 @@ from lavis_ademvl.inference import (
 )
 from lavis_ademvl.models.ademvl import AdemVL
 
-PARSER = question_parser("lavis_ademvl.visualize", __doc__)
+PARSER = question_parser("visualize", __doc__)
 PARSER.add_argument("--layer", default="all", help="'all' (average over decoder layers) or a layer index")
 PARSER.add_argument("--out", required=True, help="PNG file to write (.png is added when missing)")
 

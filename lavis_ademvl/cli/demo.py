@@ -33,7 +33,7 @@ ADEM, TEXT_ONLY = RUNS
 SETTINGS_FILE = "demo_settings.json"  # what a finished run was made with, to tell whether it can be reused
 NUM_VAL = 20
 
-PARSER = tool_parser("lavis_ademvl.demo", __doc__, experiment=False)
+PARSER = tool_parser("demo", __doc__, experiment=False)
 PARSER.add_argument("--cfg-path", type=Path, default=REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml")
 PARSER.add_argument("--output-dir", type=Path, default=Path("output/ademvl/demo"))
 PARSER.add_argument("--cache-dir", type=Path, help="asset cache (default: $LAVIS_ADEMVL_CACHE or ~/.cache/lavis_ademvl)")
@@ -152,9 +152,9 @@ def draw_drop_maps(
 ) -> list[Path]:
     """Drop maps (paper Fig. 3) of the trained ADEM-VL for test questions `pids`, each built as `visualize` builds
     it (the evaluation's sample maker and image processor)."""
+    from lavis_ademvl.cli.visualize import draw, kept_masks
     from lavis_ademvl.common.images import load_image
     from lavis_ademvl.inference import Question, load_for_inference, question_batch
-    from lavis_ademvl.visualize import draw, kept_masks
 
     model, processor, config = load_for_inference(cfg_path, str(checkpoint), options, device="cpu")
     paths = []

@@ -1,12 +1,12 @@
 """Answer a question about an image (or caption it) with a trained ADEM-VL, exactly as its evaluation would.
 
-  python -m lavis_ademvl.predict --cfg-path projects/ademvl/demo/sqa_smollm2.yaml \
+  ademvl predict --cfg-path projects/ademvl/demo/sqa_smollm2.yaml \
       --checkpoint output/.../checkpoint_0.pth --image x.png --question "What shape is it?" --choices circle square
 
 An instruction-tuned model (projects/ademvl/instruct.yaml, eval/mme.yaml, the authors' checkpoint_7B_instruction.pth)
 follows a free-form instruction about an image, or a text-only one without --image:
 
-  python -m lavis_ademvl.predict --cfg-path projects/ademvl/authors/mme_7b.yaml --image x.jpg \
+  ademvl predict --cfg-path projects/ademvl/authors/mme_7b.yaml --image x.jpg \
       --instruction "Describe this image."
 
 The config is the one the checkpoint was trained or evaluated with. Multiple-choice (`scienceqa_mc`) models need
@@ -24,7 +24,7 @@ import lavis_ademvl  # noqa: F401  (registers processors)
 from lavis_ademvl.common.cli import entry_point
 from lavis_ademvl.inference import answer, load_for_inference, question_batch, question_parser, read_question
 
-PARSER = question_parser("lavis_ademvl.predict", __doc__)
+PARSER = question_parser("predict", __doc__)
 
 
 @entry_point

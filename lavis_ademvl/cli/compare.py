@@ -1,6 +1,6 @@
 """Evaluate several models on one dataset and task through LAVIS, and print one table.
 
-  python -m lavis_ademvl.compare --cfg-path projects/ademvl/compare/sqa.yaml [--options k=v ...]
+  ademvl compare --cfg-path projects/ademvl/compare/sqa.yaml [--options k=v ...]
 
 The config is an experiment config (datasets, run) plus `compare.models`: a list of {name, model, checkpoint?},
 where `model` is a LAVIS model section (any registered arch: ademvl variants, blip2_opt, ...); an entry without
@@ -26,7 +26,7 @@ from lavis_ademvl.common.cli import entry_point, tool_parser
 from lavis_ademvl.common.config_files import load_with_includes, parse_options
 
 RESULT_PREFIX = "COMPARE_RESULT "
-PARSER = tool_parser("lavis_ademvl.compare", __doc__)
+PARSER = tool_parser("compare", __doc__)
 PARSER.add_argument("--out", type=Path, help="markdown file for the table (default: print only)")
 PARSER.add_argument("--entry", type=int, help=argparse.SUPPRESS)  # worker mode
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     _, entries = compare_config(args.cfg_path, args.options)
     results = []
     for index in range(len(entries)):
-        command = [sys.executable, "-m", "lavis_ademvl.compare", "--cfg-path", str(args.cfg_path), "--entry", str(index)]
+        command = [sys.executable, "-m", "compare", "--cfg-path", str(args.cfg_path), "--entry", str(index)]
         if args.options:
             command += ["--options", *args.options]
         finished = subprocess.run(command, capture_output=True, text=True)

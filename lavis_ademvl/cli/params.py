@@ -1,7 +1,7 @@
 """Parameter report of an ADEM-VL config, without downloading or allocating any weight.
 
-  python -m lavis_ademvl.params --cfg-path projects/ademvl/sqa.yaml [--options model.fusion=prefix ...]
-  python -m lavis_ademvl.params --model-type qwen2_5_7b [--options ...]      # a model type's own yaml
+  ademvl params --cfg-path projects/ademvl/sqa.yaml [--options model.fusion=prefix ...]
+  ademvl params --model-type qwen2_5_7b [--options ...]      # a model type's own yaml
 
 The model is built on PyTorch's meta device from configurations only: a local folder's config.json, a
 `llm_config`/`vision_config` dict, or the built-in shapes of the checkpoints our model types name.
@@ -17,7 +17,7 @@ from lavis_ademvl.common.cli import add_options_argument, entry_point, tool_pars
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.models.ademvl import AdemVL
 
-PARSER = tool_parser("lavis_ademvl.params", __doc__, experiment=False)
+PARSER = tool_parser("params", __doc__, experiment=False)
 _SOURCE = PARSER.add_mutually_exclusive_group(required=True)
 _SOURCE.add_argument("--cfg-path", help="experiment config (yaml, may use `includes:`)")
 _SOURCE.add_argument("--model-type", help=f"an ademvl model type alone: {', '.join(sorted(AdemVL.PRETRAINED_MODEL_CONFIG_DICT))}")

@@ -1,6 +1,6 @@
 """Run an ablation grid (one of the paper's Tables VI-X) row by row and write its markdown table.
 
-  python -m lavis_ademvl.ablate --grid projects/ademvl/ablations/table8.yaml [--base CONFIG] [--options k=v ...]
+  ademvl ablate --grid projects/ademvl/ablations/table8.yaml [--base CONFIG] [--options k=v ...]
 
 A grid yaml has a `title` and `rows`, each a `name` and a row `config` (overrides of a base experiment, via
 `includes`). `--base` swaps the rows' own base for another experiment (e.g. the offline demo). Rows train and
@@ -20,7 +20,7 @@ from lavis_ademvl.common.cli import add_options_argument, entry_point, tool_pars
 from lavis_ademvl.common.config_files import load_with_includes
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, format_table
 
-PARSER = tool_parser("lavis_ademvl.ablate", __doc__, experiment=False)
+PARSER = tool_parser("ablate", __doc__, experiment=False)
 PARSER.add_argument("--grid", type=Path, required=True)
 PARSER.add_argument("--base", type=Path, help="experiment config replacing the rows' own base")
 PARSER.add_argument("--output-dir", type=Path, help="default: output/ademvl/ablations/<grid name>")

