@@ -38,3 +38,28 @@ def make_batch(batch: int = 4, has_image=None, seed: int = 0, device: str | torc
 def to_device(batch: dict, device: str | torch.device) -> dict:
     """The batch with its tensors on `device`, as LAVIS's runner moves every batch before the model sees it."""
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def assert_a_step_reaches_exactly_the_trainable_parameters(model: AdemVL, batch: dict, label: str) -> None:
+    """One training step's loss is finite and its backward gives every trainable parameter a non-zero gradient and
+    every frozen one none. The adapters' fc2 (zero at the start, so fc1 would get no gradient) is moved for the step
+    and the model left as it was."""
+    model.train()
+    try:
+        with torch.no_grad():
+            for adapter in model.vision_adapters:
+                adapter.fc2.weight.normal_(0, 0.1)
+        loss = model(batch)["loss"]
+        assert torch.isfinite(loss), label
+        loss.backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.abs().sum() > 0, (label, name)
+            else:
+                assert p.grad is None, (label, name)
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for adapter in model.vision_adapters:
+                adapter.fc2.weight.zero_()
+        model.eval()

@@ -426,7 +426,7 @@ def test_every_shipped_experiment_config_is_valid(cfg_path):
                 assert registry.get_processor_class(cfg.name).from_config(cfg) is not None, (name, kind, role)
         if name == "scienceqa_mc":
             builder = registry.get_builder_class(name)(dataset)
-            builder.check_keys()
+            builder.checked_build_info()
             for training in (True, False):
                 builder.question_format(training)
                 builder.uses_captions(training)

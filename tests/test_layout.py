@@ -41,3 +41,38 @@ def test_tools_and_model_modules_read_no_private_attribute(path):
         and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
     )
     assert private == [], f"{path.name} reads private attributes: {private}"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (TYPE_CHECKING imports too), package __init__ files left out: they
+    import their submodules to register them, which is not a dependency of one module on another."""
+    modules = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): path
+               for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for module in imported_modules(path):
+            while module and module not in modules:  # `from a.b import c` names module a.b.c or a name of a.b
+                module = module.rpartition(".")[0]
+            if module and module != name:
+                imported.add(module)
+        graph[name] = imported
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    """A module never reaches itself through imports (as `pydeps lavis_ademvl --show-cycles` checks); scoring once
+    imported the model it served under TYPE_CHECKING."""
+    graph = module_graph()
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert cycles == []

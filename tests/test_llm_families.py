@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from cli import TINY_SQA
-from helpers import make_batch, tiny_config
+from helpers import assert_a_step_reaches_exactly_the_trainable_parameters, make_batch, tiny_config
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
@@ -118,25 +118,7 @@ def test_family_table_covers_the_tested_families():
 
 def test_training_step_reaches_exactly_the_trainable_parameters(family, device):
     model_type, model, _ = family
-    model.train()
-    try:
-        with torch.no_grad():
-            for adapter in model.vision_adapters:  # fc2 starts at zero: fc1 gets a gradient once it moved
-                adapter.fc2.weight.normal_(0, 0.1)
-        loss = model(batch_for(device))["loss"]
-        assert torch.isfinite(loss), model_type
-        loss.backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                assert p.grad is not None and p.grad.abs().sum() > 0, (model_type, name)
-            else:
-                assert p.grad is None, (model_type, name)
-    finally:
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for adapter in model.vision_adapters:
-                adapter.fc2.weight.zero_()
-        model.eval()
+    assert_a_step_reaches_exactly_the_trainable_parameters(model, batch_for(device), model_type)
 
 
 def test_greedy_generation_starts_with_the_next_token_argmax(family, device):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli import TINY_SQA
-from helpers import make_batch, tiny_config
+from helpers import assert_a_step_reaches_exactly_the_trainable_parameters, make_batch, tiny_config
 from PIL import Image
 from transformers import (
     LlamaConfig,
@@ -120,24 +120,7 @@ def trained_model(request, device):
 
 def test_training_step_reaches_exactly_the_trainable_parameters(trained_model):
     name, model = trained_model
-    model.train()
-    try:
-        with torch.no_grad():
-            for adapter in model.vision_adapters:  # fc2 starts at zero: fc1 gets a gradient once it moved
-                adapter.fc2.weight.normal_(0, 0.1)
-        loss = model(make_batch(device=model.device))["loss"]
-        loss.backward()
-        for parameter_name, p in model.named_parameters():
-            if p.requires_grad:
-                assert p.grad is not None and p.grad.abs().sum() > 0, (name, parameter_name)
-            else:
-                assert p.grad is None, (name, parameter_name)
-    finally:
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for adapter in model.vision_adapters:
-                adapter.fc2.weight.zero_()
-        model.eval()
+    assert_a_step_reaches_exactly_the_trainable_parameters(model, make_batch(device=model.device), name)
 
 
 def test_generation_and_rank_scoring(trained_model):
