@@ -76,3 +76,17 @@ def test_no_import_cycle_between_modules():
                     seen.add(nxt)
                     stack.append((nxt, [*path, nxt]))
     assert cycles == []
+
+
+def test_every_docs_page_is_reachable_from_the_readme_and_every_link_resolves():
+    """README stays short because the details live in docs/: each page must be linked from it, and no relative link
+    of README or docs/ may point at a file that is gone."""
+    import re
+
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", readme))
+    assert {f"docs/{path.name}" for path in (root / "docs").glob("*.md")} <= linked
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([\w./-]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(root)} links to {target}, which does not exist"

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     _, entries = compare_config(args.cfg_path, args.options)
     results = []
     for index in range(len(entries)):
-        command = [sys.executable, "-m", "compare", "--cfg-path", str(args.cfg_path), "--entry", str(index)]
+        command = [sys.executable, "-m", "lavis_ademvl.cli.compare", "--cfg-path", str(args.cfg_path), "--entry", str(index)]
         if args.options:
             command += ["--options", *args.options]
         finished = subprocess.run(command, capture_output=True, text=True)
