@@ -22,10 +22,10 @@ def offline_env() -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
 
 
-def test_the_console_script_lists_every_command():
-    result = subprocess.run([str(BIN / "ademvl"), "--help"], capture_output=True, text=True, env=offline_env(), timeout=60)
-    assert result.returncode == 0, result.stderr
-    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+def test_help_lists_every_command(capsys):
+    """(The console script itself runs in the training test below.)"""
+    assert main(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert listed == list(COMMANDS)
 
 

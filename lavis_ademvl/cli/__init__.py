@@ -4,7 +4,8 @@
     ademvl predict --cfg-path CONFIG --checkpoint CKPT --image x.png --question "..." --choices a b c
     ademvl --help                                              # the subcommands
 
-Each tool's module is imported only when its subcommand runs, so `ademvl --help` starts at once.
+Each tool's module is imported only when its subcommand runs (the package itself, which registers the plugin with
+LAVIS, is imported by every command).
 """
 from __future__ import annotations
 
