@@ -39,6 +39,8 @@ class VisionFamily:
     class_feature: str  # CLASS_TOKEN or POOLED_OUTPUT
     final_norm: str | None  # the final norm ADEM-VL applies itself; None: the model's own output is normed already
     other_weights: tuple[str, ...] = ()  # weight-name prefixes a whole-model checkpoint holds beside the tower
+    # Whether its forward interpolates position embeddings only when asked (CLIP, SigLIP); DINOv2's always does.
+    asks_to_interpolate: bool = True
 
     def prefix_tokens(self, config: PretrainedConfig) -> int:
         """Tokens before the patches in the blocks' sequence: the class token and DINOv2's register tokens."""
@@ -58,9 +60,11 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
     ),
     # h += layer_scale2(mlp(norm2(h))): the adapter joins after the layer scale, so it enters the residual stream
     # unscaled, as beside CLIP's MLP. Tokens: [cls], registers, patches; last_hidden_state is normed.
-    "dinov2": VisionFamily(Dinov2Model, ("dinov2",), "encoder.layer", "mlp", "layer_scale2", CLASS_TOKEN, None),
+    "dinov2": VisionFamily(Dinov2Model, ("dinov2",), "encoder.layer", "mlp", "layer_scale2", CLASS_TOKEN, None,
+                           asks_to_interpolate=False),
     "dinov2_with_registers": VisionFamily(
-        Dinov2WithRegistersModel, ("dinov2_with_registers",), "encoder.layer", "mlp", "layer_scale2", CLASS_TOKEN, None
+        Dinov2WithRegistersModel, ("dinov2_with_registers",), "encoder.layer", "mlp", "layer_scale2", CLASS_TOKEN, None,
+        asks_to_interpolate=False,
     ),
 }
 DEFAULT_VISION_TYPE = "clip_vision_model"  # of a `vision_config` without `model_type` (the configs written before it)
@@ -135,8 +139,7 @@ def vision_features(tower: PreTrainedModel, image: torch.Tensor, image_size: int
                          f"images (model.image_size, else the tower's config; the vis_processor's image_size must match)")
     family = family_of(tower)
     options = {}
-    if family.model_class is not Dinov2Model and family.model_class is not Dinov2WithRegistersModel:
-        # CLIP and SigLIP interpolate their position embeddings only when asked (DINOv2 always does).
+    if family.asks_to_interpolate:
         options["interpolate_pos_encoding"] = image_size != tower.config.image_size
     output = tower(pixel_values=image.to(tower.dtype), **options)
     hidden = output.last_hidden_state
