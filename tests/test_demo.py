@@ -103,3 +103,10 @@ def test_demo_is_deterministic_reuses_runs_and_ends_with_table_and_pictures(
         f"| {family} | {len(runs[0])} | {100 * sum(runs[0]) / len(runs[0]):.2f} | {100 * sum(runs[1]) / len(runs[1]):.2f} |"
         for family, runs in sorted(correct.items(), key=lambda item: list(FAMILIES).index(item[0]))
     ]
+
+
+def test_the_default_config_is_the_shipped_demo_config():
+    """`make demo` passes no --cfg-path: the default must be projects/ademvl/demo/sqa_smollm2.yaml of the checkout
+    (moving the tool into cli/ once pointed it at lavis_ademvl/projects/...)."""
+    assert demo.PARSER.get_default("cfg_path") == REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml"
+    assert demo.PARSER.get_default("cfg_path").is_file()

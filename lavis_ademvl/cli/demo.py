@@ -27,7 +27,7 @@ from lavis_ademvl.common.results import finished_job, result_records
 from lavis_ademvl.models.config import FUSION_NAMES
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, format_table
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # lavis_ademvl/cli/demo.py -> the checkout
 RUNS = {FUSION_NAMES[fusion]: fusion for fusion in ("adem", "none")}
 ADEM, TEXT_ONLY = RUNS
 SETTINGS_FILE = "demo_settings.json"  # what a finished run was made with, to tell whether it can be reused
