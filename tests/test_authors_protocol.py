@@ -396,11 +396,33 @@ def test_choices_name_their_allowed_values(build, message):
         ("datasets.scienceqa_mc.prompt_format={train: CQM-A, test: QCM-A}", KeyError,
          r"prompt_format per split needs exactly the keys \['train', 'eval'\]"),
         ("datasets.scienceqa_mc.build_info.use_caption=sometimes", ValueError, "use_caption='sometimes' must be true or false"),
+        # sqa.yaml writes the authors' prompts, whose cue is theirs: a cue given there would be ignored.
+        ("datasets.scienceqa_mc.answer_cue='Answer:'", ValueError,
+         "datasets.scienceqa_mc.answer_cue='Answer:' applies to prompt_style ours"),
+        (("datasets.scienceqa_mc.prompt_style=ours", "datasets.scienceqa_mc.answer_cue='Answer: '"), ValueError,
+         "answer_cue must be non-empty text not ending in a space"),
     ],
 )
 def test_bad_scienceqa_settings_are_named(quirky_sqa, override, error, message):
     with pytest.raises(error, match=message):
-        scienceqa_datasets(PROJECTS / "sqa.yaml", quirky_sqa, [override])
+        scienceqa_datasets(PROJECTS / "sqa.yaml", quirky_sqa, [override] if isinstance(override, str) else override)
+
+
+def test_answer_cue_replaces_ours_in_training_and_evaluation(quirky_sqa):
+    """`answer_cue` is the text between the options and the answer, in the training target's sequence and in the
+    evaluation prompt alike; without it, ours stays "Answer: The answer is"."""
+    style = ["datasets.scienceqa_mc.prompt_style=ours", "datasets.scienceqa_mc.answer_format=text"]
+    default = scienceqa_datasets(PROJECTS / "sqa.yaml", quirky_sqa, style)
+    short = scienceqa_datasets(PROJECTS / "sqa.yaml", quirky_sqa, [*style, "datasets.scienceqa_mc.answer_cue='Answer:'"])
+    for split in ("train", "test"):
+        before, after = default[split][0], short[split][0]
+        assert before["answer_cue"] == "Answer: The answer is" and after["answer_cue"] == "Answer:"
+        assert after["text_input"] == before["text_input"] and after["text_output"] == before["text_output"]
+        assert after["text_output"] == f" {after['options'][quirky_sqa_answer(quirky_sqa, after['question_id'])]}."
+
+
+def quirky_sqa_answer(root, pid: str) -> int:
+    return json.loads((root / "problems.json").read_text())[pid]["answer"]
 
 
 def shipped_experiment_configs() -> list:

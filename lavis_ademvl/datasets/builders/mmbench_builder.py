@@ -15,13 +15,14 @@ from lavis_ademvl.datasets.datasets.scienceqa_datasets import QuestionFormat, Sc
 @register("builder", "ademvl_mmbench")
 class MMBenchBuilder(LocalFilesBuilder):
     name = "ademvl_mmbench"
-    DATASET_KEYS = LocalFilesBuilder.DATASET_KEYS | {"prompt_style", "prompt_format", "answer_format"}
+    DATASET_KEYS = LocalFilesBuilder.DATASET_KEYS | {"prompt_style", "prompt_format", "answer_format", "answer_cue"}
     BUILD_INFO_KEYS = frozenset({"tsv", "circular"})
     eval_dataset_cls = MMBenchDataset
 
     def question_format(self) -> QuestionFormat:
         values = {key: self.config.get(key, default) for key, default in
-                  (("prompt_style", "authors"), ("prompt_format", "QCM-A"), ("answer_format", "letter"))}
+                  (("prompt_style", "authors"), ("prompt_format", "QCM-A"), ("answer_format", "letter"),
+                   ("answer_cue", None))}
         try:
             return QuestionFormat(**values, training=False)
         except ValueError as error:

@@ -59,7 +59,7 @@ def for_split(value: Any, key: str, training: bool) -> Any:
 @register("builder", "scienceqa_mc")
 class ScienceQAMCBuilder(LocalFilesBuilder):
     name = "scienceqa_mc"
-    DATASET_KEYS = LocalFilesBuilder.DATASET_KEYS | {"prompt_style", "prompt_format", "answer_format"}
+    DATASET_KEYS = LocalFilesBuilder.DATASET_KEYS | {"prompt_style", "prompt_format", "answer_format", "answer_cue"}
     BUILD_INFO_KEYS = frozenset({"data_root", "splits", "use_caption"})
     train_dataset_cls = ScienceQADataset
     eval_dataset_cls = ScienceQADataset
@@ -68,7 +68,8 @@ class ScienceQAMCBuilder(LocalFilesBuilder):
         """The training split's or the evaluation splits' question format, from the config (errors name the key)."""
         values = {
             key: for_split(self.config.get(key, default), key, training)
-            for key, default in (("prompt_style", "ours"), ("prompt_format", "QCM-A"), ("answer_format", "letter"))
+            for key, default in (("prompt_style", "ours"), ("prompt_format", "QCM-A"), ("answer_format", "letter"),
+                                 ("answer_cue", None))
         }
         try:
             return QuestionFormat(**values, training=training)

@@ -10,7 +10,8 @@ Two ways to write a question (`prompt_style`), each in the QCM (question, contex
   (B) ..\\nResponse:" followed, with no space, by "The answer is B." (the loss covers that answer and the end of
   sequence). Evaluation: the same prompt and the cue "The answer is", then " B." (one greedy token, or each option
   scored). No text clean-up besides theirs (one pass of "  " -> " ", then a strip); the text processor is not used.
-- `ours`: the question block cleaned by the dataset's text processor, the cue "Answer: The answer is", then " B.".
+- `ours`: the question block cleaned by the dataset's text processor, the cue "Answer: The answer is" (the dataset key
+  `answer_cue` sets another, e.g. the demo's shorter "Answer:"), then " B.".
 `answer_format: text` puts the option's text where the letter goes ("The answer is teal.").
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ PROMPT_STYLES = ("authors", "ours")
 PROMPT_FORMATS = ("QCM-A", "CQM-A")
 # What follows the answer cue: the option letter (the paper's protocol) or the option's text.
 ANSWER_FORMATS = ("letter", "text")
-ANSWER_CUE = "Answer: The answer is"  # ours
+ANSWER_CUE = "Answer: The answer is"  # ours, unless the dataset's `answer_cue` says otherwise
 AUTHORS_RESPONSE = "Response:"  # ends the authors' prompt
 AUTHORS_ANSWER_LEAD = "The answer is"  # starts the authors' answer: learned in training, the cue at evaluation
 OPTION_LETTERS = string.ascii_uppercase
@@ -82,7 +83,7 @@ def _options(choices: list[Any], clean: Callable[[str], str]) -> str:
 
 
 def build_prompt(problem: dict, prompt_format: str, caption: str = "", clean: Callable[[str], str] = str.strip) -> str:
-    """Our question/context/options block (each part cleaned by `clean`), which precedes ANSWER_CUE."""
+    """Our question/context/options block (each part cleaned by `clean`), which precedes the answer cue."""
     check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
     context = " ".join(part for part in (clean(problem.get("hint") or ""), clean(caption)) if part) or "N/A"
     return _layout(prompt_format, clean(problem["question"]), context, _options(problem["choices"], clean))
@@ -111,11 +112,25 @@ class QuestionFormat:
     prompt_format: str = "QCM-A"
     answer_format: str = "letter"
     training: bool = False
+    answer_cue: str | None = None  # ours only; None: ANSWER_CUE
 
     def __post_init__(self) -> None:
         check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
         check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
+        if self.answer_cue is None:
+            return
+        if self.prompt_style != "ours":
+            raise ValueError(f"answer_cue={self.answer_cue!r} applies to prompt_style ours; the authors' cue is fixed "
+                             f"({AUTHORS_ANSWER_LEAD!r})")
+        # The answer follows as " B." or " teal.": a cue ending in a space would put two spaces before it.
+        if not isinstance(self.answer_cue, str) or not self.answer_cue.strip() or self.answer_cue != self.answer_cue.rstrip():
+            raise ValueError(f"answer_cue must be non-empty text not ending in a space or line break, got {self.answer_cue!r}")
+
+    @property
+    def cue(self) -> str:
+        """What precedes the answer in the `ours` style."""
+        return ANSWER_CUE if self.answer_cue is None else self.answer_cue
 
 
 class ScienceQASampleMaker:
@@ -144,7 +159,7 @@ class ScienceQASampleMaker:
         options = [clean(str(choice)) for choice in problem["choices"]]
         answers = letters if fmt.answer_format == "letter" else options
         if not authors:
-            prompt, cue = build_prompt(problem, fmt.prompt_format, caption, clean), ANSWER_CUE
+            prompt, cue = build_prompt(problem, fmt.prompt_format, caption, clean), fmt.cue
             candidates = [answer_text(answer) for answer in answers]
         elif fmt.training:  # the authors learn "The answer is B." right after "Response:"
             prompt, cue = authors_prompt(problem, fmt.prompt_format, caption), ""
