@@ -107,10 +107,6 @@ class _Question:
     def family(self) -> str:
         return family_of(self.answer)
 
-    @property
-    def negated(self) -> bool:
-        return is_negated(self.question)
-
 
 def is_negated(question: str) -> bool:
     """A negated yes/no question ("Is there not a red shape?", "Is no circle present?")."""
