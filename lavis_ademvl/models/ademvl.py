@@ -6,6 +6,7 @@ The model composes its parts, each in its own module:
 - `vision_towers.py`: the vision tower families, and the features ADEM-VL reads from them;
 - `modules.py`: the trainable modules (low-rank projections W' and [cls], vision adapters);
 - `checkpoint_keys.py`: the key layouts of the checkpoints it reads (ours, earlier ones, the authors');
+- `backbones.py`: the frozen parts a checkpoint records being trained on, and the check that it loads onto them;
 - `memory.py`: the visual memory and the decoder-layer hooks that add the fused feature (`VisualMemory`);
 - `processing.py`: texts -> token ids, image slots and labels (`PromptEncoder`);
 - `scoring.py`: rank inference (candidate answers scored by log-likelihood), a mixin of the model;
@@ -32,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.registration import register
 from lavis_ademvl.common.validation import check_choice
+from lavis_ademvl.models.backbones import backbone_identity, check_same_backbones
 from lavis_ademvl.models.checkpoint_keys import checkpoint_state, is_authors_checkpoint, rename_legacy_keys
 from lavis_ademvl.models.config import AdemVLConfig
 from lavis_ademvl.models.fusion import activate, check_scales, multiscale_pool
@@ -89,6 +91,7 @@ class AdemVL(RankScoringMixin, BaseModel):
             raise ValueError(f"fusion={config.fusion!r} needs a vision tower (vision_model or vision_config)")
         self.config = config
         self.checkpoint_task: str | None = None  # set by load_checkpoint from what our runner recorded
+        self._backbones: dict | None = None  # backbone_identity(), computed once: the frozen parts never change
         self.compute_dtype = compute_dtype
         self.tokenizer = tokenizer
         self.llm = freeze_llm(llm, config.llm_gradient_checkpointing)
@@ -252,14 +255,32 @@ class AdemVL(RankScoringMixin, BaseModel):
             **{f"trainable/{group}": count for group, count in groups.items()},
         }
 
+    def backbone_identity(self) -> dict:
+        """The frozen LLM, vision tower and tokenizer this model runs on, as a checkpoint records them
+        (`backbones.backbone_identity`)."""
+        if self._backbones is None:
+            config = self.config
+            sources = {"llm": config.llm_model, "vision": config.vision_model,
+                       "tokenizer": config.tokenizer or config.llm_model}
+            self._backbones = backbone_identity(self.llm, self.vision_tower, self.tokenizer, sources)
+        return self._backbones
+
+    def check_trained_like_this(self, checkpoint: dict, source: str) -> None:
+        """A checkpoint our runner wrote loads only into a model of the options (`AdemVLConfig.check_compatible`) and
+        on the frozen parts (`backbones.check_same_backbones`) it was trained with; others record neither."""
+        saved = checkpoint.get("config")
+        if isinstance(saved, dict) and saved.get("model"):
+            AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), source)
+        check_same_backbones(checkpoint.get("backbones"), self.backbone_identity(), source,
+                             self.config.allow_backbone_mismatch)
+
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load trainable weights written by this project or released by the authors (mapped, see
         `checkpoint_keys`); any missing or unknown key is an error."""
         num_used_vision_layers = len(self.vision_adapters) if self.vision_tower is not None else 0
         checkpoint = load_checkpoint_file(url_or_filename)
+        self.check_trained_like_this(checkpoint, url_or_filename)
         saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
-        if saved.get("model"):  # written by our runner: it records the options it was trained with
-            AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), url_or_filename)
         # The task it was trained for (None: not recorded), for the caller to compare with its own.
         self.checkpoint_task = (saved.get("run") or {}).get("task")
         state = checkpoint_state(checkpoint, num_used_vision_layers, url_or_filename)
@@ -275,9 +296,7 @@ class AdemVL(RankScoringMixin, BaseModel):
                 "optimizer state is that of their model, not of this run's. Start from its weights instead: --options "
                 f"model.finetuned={path} model.load_finetuned=true"
             )
-        saved = checkpoint.get("config")
-        if isinstance(saved, dict) and saved.get("model"):
-            AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), path)
+        self.check_trained_like_this(checkpoint, path)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Trainable weights by name (those of earlier key layouts too, `checkpoint_keys.rename_legacy_keys`)."""

@@ -50,6 +50,11 @@ class AdemVLConfig:
     model_type: str | None = option(None, "LAVIS model type: a yaml of `configs/models/ademvl/` (see What is registered)")
     load_finetuned: bool = option(False, "load the checkpoint `finetuned` (written by this project or the authors)")
     finetuned: str | None = option(None, "checkpoint file read when `load_finetuned` is true")
+    allow_backbone_mismatch: bool = option(
+        False,
+        "load a checkpoint onto another frozen LLM, vision tower or tokenizer than the ones it records being trained "
+        "with (a warning instead of an error; the same weights in another folder need no override)",
+    )
     load_pretrained: bool = option(False, "LAVIS key, unused: the frozen towers come from `llm_model`/`vision_model`")
     pretrained: str | None = option(None, "LAVIS key, unused")
     # The frozen towers (models/towers.py).

@@ -346,6 +346,8 @@ class RunnerAdemVL(RunnerBase):
             "model": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
+            # The frozen parts the weights were trained on (a model without the notion records none).
+            "backbones": getattr(model, "backbone_identity", lambda: None)(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
             "best_agg_metric": self.best_agg_metric,
