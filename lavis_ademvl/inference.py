@@ -27,7 +27,7 @@ from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.images import load_image
 from lavis_ademvl.common.launch import set_model_device, warn_if_other_task
-from lavis_ademvl.common.run_config import check_run_config
+from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.datasets.datasets.instruct_datasets import instruction_prompt
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import check_problem, collate
@@ -104,17 +104,28 @@ def check_utf8_argument(name: str, text: str | None) -> None:
                          "locale") from error
 
 
+def load_for_question(args: argparse.Namespace) -> tuple[AdemVL, Any, DictConfig]:
+    """`load_for_inference` of a `question_parser` command line, refusing an untrained model (no --checkpoint, and
+    none in the config) unless `run.allow_untrained=true`, as evaluation does."""
+    return load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device, trained=True)
+
+
 def load_for_inference(
-    cfg_path: str | Path, checkpoint: str | None, options: list[str] | None = None, device: str = "auto"
+    cfg_path: str | Path, checkpoint: str | None, options: list[str] | None = None, device: str = "auto",
+    trained: bool = False,
 ) -> tuple[AdemVL, Any, DictConfig]:
-    """(model in eval mode on the device, evaluation image processor, merged config).
+    """(model in eval mode on the device, evaluation image processor, merged config); `trained`: a model the config
+    or `checkpoint` gives no checkpoint is refused (`run_config.built_checkpoint`).
 
     The model is built for `device` (its towers load there and compute in that device's dtype), and the random state
     is seeded as `lavis_ademvl.train`/`.evaluate` seed it before building the model."""
-    config = load_experiment(cfg_path, options or []).config
+    experiment = load_experiment(cfg_path, options or [])
+    config = experiment.config
     check_run_config(config.run)  # run.max_len, run.num_beams, ... as the tasks would read them
     if checkpoint is not None:  # instead of the config's own model.finetuned, if any
         config.model.load_finetuned, config.model.finetuned = True, checkpoint
+    if trained:
+        built_checkpoint(experiment, give="--checkpoint PATH")
     seed_everything(int(config.run.get("seed", 42)))
     device = resolve_device(device)
     set_model_device(config.model, device)

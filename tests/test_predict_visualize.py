@@ -77,11 +77,12 @@ def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
     assert len(captions) == len(images) == 2
     capsys.readouterr()
     for entry in images:
-        argv = ["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / entry["image"]), "--options", *options]
+        argv = ["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / entry["image"]), "--options", *options,
+                "run.allow_untrained=true"]
         assert predict.main(argv) == 0
         assert capsys.readouterr().out.strip() == captions[caption_image_id(entry["image"])], entry["image"]
     assert predict.main(["--cfg-path", str(DEBUG_CAPTION), "--image", str(root / "images" / images[0]["image"]),
-                         "--question", "what?", "--options", *options]) == 0
+                         "--question", "what?", "--options", *options, "run.allow_untrained=true"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,7 @@ def test_predict_captions_as_the_evaluation_does(tmp_path, capsys):
     [
         (["--image", "missing.png"], "image not found: missing.png"),
         (["--image", "{bad}"], "cannot read image"),
-        (["--image", "{good}"], "give --question and --choices"),
+        (["--image", "{good}", "--options", "run.allow_untrained=true"], "give --question and --choices"),
         # --context and --caption were ignored by an instruction: refused before any weights are loaded
         (["--instruction", "Describe it.", "--context", "A hint."], "--instruction is asked alone"),
         (["--image", "{good}", "--instruction", "Describe it.", "--caption", "A square."], "--instruction is asked alone"),
@@ -121,23 +122,25 @@ def test_drop_maps(image_file, tmp_path):
     assert masks.float().mean().item() == pytest.approx(1 - model.config.drop_ratio, abs=0.01)
 
     out = tmp_path / "maps" / "drop.png"
+    untrained = ["--options", "run.allow_untrained=true"]
     argv = ["--cfg-path", str(TINY_SQA), "--image", str(image_file), "--question", "what?", "--choices", "red", "blue",
             "--out", str(out)]
-    assert visualize.main(argv) == 0
+    assert visualize.main(argv + untrained) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
-    assert visualize.main(argv[:-2] + ["--layer", "1", "--out", str(tmp_path / "layer1.png")]) == 0
+    assert visualize.main(argv[:-2] + ["--layer", "1", "--out", str(tmp_path / "layer1.png"), *untrained]) == 0
     assert (tmp_path / "layer1.png").is_file()
-    assert visualize.main(argv[:6] + ["--out", str(out)]) == 2  # a multiple-choice config needs the options
+    assert visualize.main(argv[:6] + ["--out", str(out), *untrained]) == 2  # a multiple-choice config needs the options
 
 
 def test_drop_maps_bad_inputs(image_file, tmp_path, capsys):
     base = ["--cfg-path", str(TINY_SQA), "--out", str(tmp_path / "x.png")]
     assert visualize.main(base + ["--image", str(tmp_path / "none.png")]) == 2
     assert "image not found" in capsys.readouterr().err
-    assert visualize.main(base + ["--image", str(image_file), "--layer", "7"]) == 2
+    assert visualize.main(base + ["--image", str(image_file), "--layer", "7", "--options", "run.allow_untrained=true"]) == 2
     assert "--layer '7'" in capsys.readouterr().err
     question = ["--question", "what?", "--choices", "red", "blue"]
-    assert visualize.main(base + ["--image", str(image_file), *question, "--options", "model.fusion=prefix"]) == 2
+    assert visualize.main(base + ["--image", str(image_file), *question, "--options", "model.fusion=prefix",
+                                  "run.allow_untrained=true"]) == 2
     assert "fusion='adem'" in capsys.readouterr().err
 
 

@@ -275,6 +275,10 @@ def test_malformed_options_are_refused(options, named):
         ({"choices": []}, "`choices` must be a non-empty list"),
         ({"choices": [f"c{i}" for i in range(27)], "answer": 0}, "has 27 choices; options are lettered A-Z"),
         ({"question": ""}, "`question` must be a non-empty string"),
+        # issue #36: JSON's NaN was trained on as the text "nan"; a list hint ended in a TypeError naming no problem
+        ({"choices": ["red", float("nan"), "blue"]}, r"every choice must be a string \(or finite number\), got \['red', nan"),
+        ({"choices": ["red", None, "blue"]}, r"every choice must be a string \(or number\), got \['red', None"),
+        ({"hint": ["a", "list"]}, r"`hint` must be a string \(or null\), got \['a', 'list'\]"),
     ],
 )
 def test_bad_scienceqa_problems_are_named_when_the_dataset_is_built(sqa_root, tmp_path, change, message):

@@ -2,12 +2,14 @@
 section is ignored, and every bad input ends with one `error:` line naming the file, key or value."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import torch
 from cli import TINY_SQA
 from helpers import tiny_config, tiny_model
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
@@ -21,6 +23,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from lavis_ademvl.cli import predict, train, visualize
+from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.launch import prepare
 
 LLM, VISION = tiny_config()["llm_config"], tiny_config()["vision_config"]
@@ -120,3 +124,39 @@ def test_a_checkpoint_the_runner_saved_loads_only_with_its_tokenizer(sqa_root, t
     other = tokenizer_folder(tmp_path / "other", extra_tokens=["<image>"])
     with pytest.raises(ValueError, match=rf"the tokenizer: 'byte_level' there, '{other}' here \(another vocabulary\)"):
         tiny_model(tokenizer=other).load_checkpoint(path)
+
+
+# ------------------------------------------------------------------ no section or key ignored
+
+
+@pytest.mark.parametrize("option, named", [("rnu.max_epoch=1", r"unknown top-level config key\(s\) \['rnu'\]"),
+                                           ("run.max_epochs=1", r"unknown run config key\(s\) \['max_epochs'\]")])
+def test_a_misspelt_section_or_run_key_is_refused_before_anything_is_built(sqa_root, tmp_path, capsys, option, named):
+    """`--options rnu.max_epoch=1` trained the config's 2 epochs; `run.max_epochs` was refused only after the model
+    and datasets were built."""
+    assert train.main(["--cfg-path", str(TINY_SQA), "--options", *sqa_options(sqa_root, tmp_path / "out", option)]) == 2
+    assert re.search(f"^error: {named}", capsys.readouterr().err, re.M)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelt_section_of_a_config_file_is_refused(tmp_path):
+    (tmp_path / "typo.yaml").write_text(f"includes: [{TINY_SQA}]\ndatsets:\n  scienceqa_mc: {{}}\n")
+    with pytest.raises(KeyError, match=r"unknown top-level config key\(s\) \['datsets'\]"):
+        load_experiment(tmp_path / "typo.yaml")
+
+
+# ------------------------------------------------------------------ predict and visualize need a trained model
+
+
+@pytest.mark.parametrize("tool, extra", [(predict, []), (visualize, ["--out", "maps.png"])])
+def test_predict_and_visualize_refuse_an_untrained_model_as_evaluate_does(tmp_path, capsys, monkeypatch, tool, extra):
+    """Both answered with the untrained model, rc 0, where evaluate refused it."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "square.png")
+    argv = ["--cfg-path", str(TINY_SQA), "--image", "square.png", "--question", "What colour?", "--choices", "red",
+            "blue", *extra]
+    assert tool.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "names no checkpoint, so it would score the untrained model: give --checkpoint PATH" in error
+    assert "run.allow_untrained=true" in error and not (tmp_path / "maps.png").exists()
+    assert tool.main([*argv, "--options", "run.allow_untrained=true"]) == 0  # meant

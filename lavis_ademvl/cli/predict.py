@@ -9,10 +9,11 @@ follows a free-form instruction about an image, or a text-only one without --ima
   ademvl predict --cfg-path projects/ademvl/authors/mme_7b.yaml --image x.jpg \
       --instruction "Describe this image."
 
-The config is the one the checkpoint was trained or evaluated with. Multiple-choice (`scienceqa_mc`) models need
---choices (--image is optional: a question without image, as in ScienceQA) and print the chosen option; the sample is
-built and answered by the same code as the task's evaluation (prompt style, text and image processors, answer format,
-inference method). An --instruction is asked as the MME task asks its questions ("Instruction: ...\nResponse:",
+The config is the one the checkpoint was trained or evaluated with; without --checkpoint (and none in the config) the
+untrained model is refused, as `ademvl evaluate` refuses it (`--options run.allow_untrained=true` to mean it).
+Multiple-choice (`scienceqa_mc`) models need --choices (--image is optional: a question without image, as in
+ScienceQA) and print the chosen option; the sample is built and answered by the same code as the task's evaluation
+(prompt style, text and image processors, answer format, inference method). An --instruction is asked as the MME task asks its questions ("Instruction: ...\nResponse:",
 greedy, run.max_len new tokens). Other models answer the question with the config's VQA prompt, or caption the image
 when no question is given.
 """
@@ -22,7 +23,7 @@ import sys
 
 import lavis_ademvl  # noqa: F401  (registers processors)
 from lavis_ademvl.common.cli import entry_point
-from lavis_ademvl.inference import answer, load_for_inference, question_batch, question_parser, read_question
+from lavis_ademvl.inference import answer, load_for_question, question_batch, question_parser, read_question
 
 PARSER = question_parser("predict", __doc__)
 
@@ -31,7 +32,7 @@ PARSER = question_parser("predict", __doc__)
 def main(argv: list[str] | None = None) -> int:
     args = PARSER.parse_args(argv)
     question = read_question(args)
-    model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
+    model, processor, config = load_for_question(args)
     print(answer(model, question_batch(config, processor, question), config, question).text)
     return 0
 

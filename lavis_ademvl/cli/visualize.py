@@ -20,7 +20,7 @@ from lavis_ademvl.common.cli import entry_point
 from lavis_ademvl.inference import (
     MULTIPLE_CHOICE_TASK,
     answer,
-    load_for_inference,
+    load_for_question,
     question_batch,
     question_parser,
     read_question,
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("give --image: drop maps are drawn over an image")
     out = png_path(args.out)
     question = read_question(args)
-    model, processor, config = load_for_inference(args.cfg_path, args.checkpoint, args.options, args.device)
+    model, processor, config = load_for_question(args)
     num_layers = len(model.decoder_layers())
     if args.layer != "all" and not (args.layer.isdigit() and int(args.layer) < num_layers):
         raise ValueError(f"--layer {args.layer!r}: give 'all' or 0..{num_layers - 1}")

@@ -25,6 +25,8 @@ from lavis.common.registry import registry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lavis_ademvl.common.validation import check_known_keys
+
 
 def load_with_includes(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
     path = Path(path).resolve()
@@ -75,6 +77,10 @@ def parse_options(options: Sequence[str]) -> DictConfig:
         raise ValueError(f"--options {' '.join(dotlist)}: {error}") from error
 
 
+# The sections of an experiment (and of --options): `preprocess` holds the model type's image and text processors.
+SECTIONS = ("model", "run", "datasets", "preprocess")
+
+
 class ExperimentConfig(Config):
     """LAVIS's `Config` (run_cfg, model_cfg, datasets_cfg, ...) of an experiment, read by `load_experiment`."""
 
@@ -84,10 +90,14 @@ class ExperimentConfig(Config):
         registry.register("configuration", self)
         user = parse_options(options)
         experiment = OmegaConf.merge(experiment, user)
+        # A misspelt section (`rnu.max_epoch=1`) would otherwise be merged in and never read.
+        check_known_keys("top-level", experiment.keys(), SECTIONS)
         if experiment.get("model") is None:
             raise KeyError(f"{source}: the config has no `model` section")
         check_registered(experiment, source)
         parts = [{"run": experiment.get("run") or {}}, self.build_model_config(experiment)]
+        if experiment.get("preprocess"):  # over the model type's (LAVIS reads the model type's only)
+            parts.append({"preprocess": experiment.preprocess})
         if experiment.get("datasets"):
             parts.append(self.build_dataset_config(experiment))
         self.config = OmegaConf.merge(*parts, user)

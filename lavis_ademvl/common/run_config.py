@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from lavis_ademvl.common.validation import check_known_keys, checked_number
 
+RUNNER = "runner_ademvl"
 RUN_KEYS = frozenset(
     {
         # LAVIS 1.0.2 runner and task keys
@@ -44,8 +45,8 @@ DEFAULT_DIST_TIMEOUT_MINUTES = {"gloo": 10.0, "nccl": 60.0}
 
 def check_run_config(run_cfg: Any, known_keys: bool = False) -> None:
     """Every number of `run:` has its type and range, `output_dir` names a folder, every split list is a list of names
-    (and, with `known_keys`, every key is one runner_ademvl knows); errors name the key."""
-    if known_keys:
+    (and, with `known_keys` or for a run of runner_ademvl, every key is one runner_ademvl knows); errors name the key."""
+    if known_keys or run_cfg.get("runner") == RUNNER:  # a misspelt key is refused before anything is built
         check_known_keys("run", run_cfg.keys(), RUN_KEYS)
     for key, (kind, minimum) in RUN_NUMBERS.items():
         if run_cfg.get(key) is not None:
@@ -69,10 +70,10 @@ def dist_timeout_minutes(run_cfg: Any, backend: str) -> float:
 UNTRAINED = "untrained"
 
 
-def built_checkpoint(cfg: Any) -> str:
+def built_checkpoint(cfg: Any, give: str = "--options model.load_finetuned=true model.finetuned=PATH") -> str:
     """The checkpoint the model of `cfg` (LAVIS's Config) is built with (`model.finetuned`), or UNTRAINED when the
-    run allows it (`run.allow_untrained: true`); evaluating a model built without either is a ValueError, as its
-    scores would be the untrained model's."""
+    run allows it (`run.allow_untrained: true`); evaluating (or asking) a model built without either is a ValueError,
+    as its scores would be the untrained model's; `give`: how the tool is given a checkpoint."""
     model_cfg, run_cfg = cfg.model_cfg, cfg.run_cfg
     if model_cfg.get("load_finetuned"):
         if OmegaConf.is_missing(model_cfg, "finetuned") or not model_cfg.get("finetuned"):
@@ -81,7 +82,5 @@ def built_checkpoint(cfg: Any) -> str:
         return str(model_cfg.finetuned)
     if checked_number("run.allow_untrained", run_cfg.get("allow_untrained", False), bool):
         return UNTRAINED
-    raise ValueError(
-        "this evaluation names no checkpoint, so it would score the untrained model: give --options "
-        "model.load_finetuned=true model.finetuned=PATH, or run.allow_untrained=true to evaluate it untrained"
-    )
+    raise ValueError(f"this run names no checkpoint, so it would score the untrained model: give {give}, or "
+                     "--options run.allow_untrained=true to use it untrained")

@@ -16,6 +16,7 @@ Two ways to write a question (`prompt_style`), each in the QCM (question, contex
 """
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ def option_letters(num_choices: int) -> list[str]:
 
 def check_problem(problem: Any, pid: str, source: Path | str, labelled: bool = True) -> None:
     """A ScienceQA problem is well formed, else a ValueError naming `source` and the pid: a non-empty question, a
-    non-empty list of at most 26 choices (one letter each), and (when `labelled`) an integer answer indexing them."""
+    non-empty list of at most 26 choices (one letter each; strings or finite numbers), a string or null hint, and (when
+    `labelled`) an integer answer indexing them."""
     where = f"{source}: problem {pid}"
     if not isinstance(problem, dict):
         raise ValueError(f"{where} is a {type(problem).__name__}, not an object")
@@ -59,6 +61,11 @@ def check_problem(problem: Any, pid: str, source: Path | str, labelled: bool = T
         raise ValueError(f"{where} has {len(choices)} choices; options are lettered A-Z, so at most {len(OPTION_LETTERS)}")
     if not all(isinstance(choice, (str, int, float)) and not isinstance(choice, bool) for choice in choices):
         raise ValueError(f"{where}: every choice must be a string (or number), got {choices!r}")
+    if any(isinstance(choice, float) and not math.isfinite(choice) for choice in choices):  # JSON's NaN trained as "nan"
+        raise ValueError(f"{where}: every choice must be a string (or finite number), got {choices!r}")
+    hint = problem.get("hint")
+    if hint is not None and not isinstance(hint, str):
+        raise ValueError(f"{where}: `hint` must be a string (or null), got {hint!r}")
     answer = problem.get("answer")
     if answer is None and not labelled:
         return
