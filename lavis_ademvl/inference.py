@@ -127,7 +127,7 @@ def load_for_inference(
     if trained:
         built_checkpoint(experiment, give="--checkpoint PATH")
     seed_everything(int(config.run.get("seed", 42)))
-    device = resolve_device(device)
+    device = resolve_device(device, key="--device")
     set_model_device(config.model, device)
     model = AdemVL.from_config(config.model)
     warn_if_other_task(getattr(model, "checkpoint_task", None), config.run.get("task"), config.model.get("finetuned"))

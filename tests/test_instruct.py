@@ -156,6 +156,8 @@ def test_malformed_all_data_entries_fail_when_built(tmp_path):
         ("answer", "", r"entry 'alpaca_0': answer is ''; it must be a non-empty string"),
         ("image", 9, r"entry 'alpaca_0': image is 9; it must be a non-empty string"),
         ("qid", None, r"entry None: qid is None; it must be a non-empty string"),
+        # issue #36: a JSON "\ud800" escape failed in the tokenizer after the first iteration, naming no entry
+        ("answer", "The \ud800 square", r"entry 'alpaca_0': answer holds '\\ud800' at character 4, a lone surrogate"),
     ],
 )
 def test_all_data_entries_of_the_wrong_type_are_named(tmp_path, field, value, message):

@@ -96,6 +96,9 @@ def add(**row):
     (edit(1, B=math.nan, C=math.nan), r"dev.tsv, index 1: column `B` is empty; a question needs at least 2 options"),
     (add(index=1, question="Another question?"), r"dev.tsv, index 1: two rows \(lines 3 and 13\) have this `index`"),
     (edit(3, index="three"), r"dev.tsv, line 5: column `index` is 'three', not a non-negative integer"),
+    # issue #36: a digit that is not ASCII passed str.isdigit() and ended in int()'s bare message
+    (edit(3, index="\u00b3"), r"dev.tsv, line 5: column `index` is '\u00b3', not a non-negative integer"),
+    (edit(3, image="\u00b9"), r"dev.tsv, index 3: column `image` is '\u00b9', neither base64 nor the index"),
     (edit(3, image="99"), r"dev.tsv, index 3: column `image` is '99', neither base64 nor the index of a row holding"),
     (drop(2_000_002), r"dev.tsv, index 2: its circular copies are incomplete: 4 options but no row with index "
                       r"\[2000002\]"),

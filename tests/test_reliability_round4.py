@@ -2,14 +2,21 @@
 section is ignored, and every bad input ends with one `error:` line naming the file, key or value."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 import torch
 from cli import TINY_SQA
 from helpers import tiny_config, tiny_model
+from mmbench_fixture import COLUMNS, make_official_mmbench, official_rows
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from test_mmbench import build as build_mmbench
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
@@ -26,12 +33,19 @@ from transformers import (
 from lavis_ademvl.cli import predict, train, visualize
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.common.launch import prepare
+from lavis_ademvl.common.results import save_result
 
 LLM, VISION = tiny_config()["llm_config"], tiny_config()["vision_config"]
 
 
 def sqa_options(root, output_dir, *extra):
     return [f"datasets.scienceqa_mc.build_info.data_root={root}", f"run.output_dir={output_dir}", *extra]
+
+
+@pytest.fixture
+def experiment(sqa_root, tmp_path):
+    """The tiny ScienceQA experiment, one epoch, no validation."""
+    return prepare(TINY_SQA, sqa_options(sqa_root, tmp_path / "out", "run.max_epoch=1", "run.valid_splits=[]"))
 
 
 # ------------------------------------------------------------------ a checkpoint knows its frozen parts
@@ -160,3 +174,126 @@ def test_predict_and_visualize_refuse_an_untrained_model_as_evaluate_does(tmp_pa
     assert "names no checkpoint, so it would score the untrained model: give --checkpoint PATH" in error
     assert "run.allow_untrained=true" in error and not (tmp_path / "maps.png").exists()
     assert tool.main([*argv, "--options", "run.allow_untrained=true"]) == 0  # meant
+
+
+# ------------------------------------------------------------------ every bad input is one line
+
+
+def one_error_line(stderr: str) -> str:
+    """The one `error:` line of a refused command (no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+@pytest.fixture(scope="module")
+def tower_folders(tmp_path_factory):
+    """Broken LLM folders, each as a user met it."""
+    root = tmp_path_factory.mktemp("broken")
+    llama = saved_folder(root / "llama", lambda: LlamaForCausalLM(LlamaConfig(**LLM)), seed=0)
+    shape = shutil.copytree(llama, root / "shape")
+    edit_weights(shape, lambda weights: weights.update({"model.norm.weight": torch.ones(LLM["hidden_size"] + 1)}))
+    (root / "no_weights").mkdir()
+    shutil.copy(root / "llama" / "config.json", root / "no_weights")
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "config.json").write_text('{"model_type": "llama", ')
+    saved_folder(root / "clip", lambda: CLIPVisionModel(CLIPVisionConfig(**VISION)), seed=0)
+    return root
+
+
+def edit_weights(folder, edit) -> None:
+    (path,) = folder.glob("*.safetensors")
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("folder, tokenizer, named", [
+    ("shape", "byte_level", r"model.llm_model='.*shape' does not load completely into .*; weights of another shape: "
+                            r"\['model.norm.weight'\]"),  # was torch's `size mismatch`, naming no folder
+    ("missing", "byte_level", r"model.llm_model='.*missing' could not be loaded"),  # these three: good, as tracebacks
+    ("no_weights", "byte_level", r"model.llm_model='.*no_weights' could not be loaded.*no file named"),
+    ("corrupt", "byte_level", r"model.llm_model='.*corrupt' could not be loaded.*config.json' is not a valid JSON"),
+    ("clip", "byte_level", r"model.llm_model='.*clip' holds a 'clip_vision_model' model, which AutoModelForCausalLM "
+                           "does not load"),  # was transformers' list of 100 model types, naming no key
+    ("llama", None, r"tokenizer folder .*llama \(model.tokenizer, else model.llm_model\) holds none of the tokenizer "
+                    "files"),  # was "requires the protobuf library"
+])
+def test_a_broken_llm_folder_is_one_error_line(tower_folders, sqa_root, tmp_path, capsys, folder, tokenizer, named):
+    options = sqa_options(sqa_root, tmp_path / "out", f"model.llm_model={tower_folders / folder}", "model.llm_config=null",
+                          f"model.tokenizer={tokenizer if tokenizer else 'null'}")
+    assert train.main(["--cfg-path", str(TINY_SQA), "--options", *options]) == 2
+    assert re.search(named, one_error_line(capsys.readouterr().err))
+
+
+@pytest.mark.parametrize("option, named", [
+    ("model.alpha=[1,", r"^error: --options .*model.alpha=\[1,: while parsing"),  # was yaml's ParserError traceback
+    ("datasets.scienceqa_mc.answer_cue=Answer:", r"got \['Answer'\]; YAML reads an unquoted 'Answer:' as a mapping: "
+                                                 r"for the text, quote it"),
+    ("datasets.scienceqa_mc.vis_processor.eval.name=ademvl_image", r"vis_processor.eval.name: unknown processor "
+                                                                   r"'ademvl_image'"),  # was 'NoneType' ... from_config
+    pytest.param("run.device=cuda", r"^error: run.device=cuda but no CUDA device is visible",  # was a traceback
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_a_bad_command_line_value_is_one_error_line(sqa_root, tmp_path, capsys, option, named):
+    assert train.main(["--cfg-path", str(TINY_SQA), "--options", *sqa_options(sqa_root, tmp_path / "out", option)]) == 2
+    assert re.search(named, one_error_line(capsys.readouterr().err))
+    assert not list((tmp_path / "out").glob("*/checkpoint_*"))
+
+
+def test_a_job_file_that_is_a_folder_is_refused_before_anything_is_built(sqa_root, tmp_path, capsys):
+    """It ended with IsADirectoryError after the model was built."""
+    argv = ["--cfg-path", str(TINY_SQA), "--job-file", str(tmp_path), "--options", *sqa_options(sqa_root, tmp_path / "out")]
+    assert train.main(argv) == 2
+    assert f"error: --job-file {tmp_path} is a folder" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_mmbench_tsv_with_a_utf8_bom_is_read(tmp_path):
+    """pandas and VLMEvalKit read it; it was "missing column index"."""
+    tsv = tmp_path / "dev.tsv"
+    pd.DataFrame(official_rows(), columns=COLUMNS).to_csv(tsv, sep="\t", index=False, encoding="utf-8-sig")
+    assert tsv.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert len(build_mmbench(tsv)) == len(build_mmbench(make_official_mmbench(tmp_path / "plain.tsv")))
+
+
+# ------------------------------------------------------------------ resume, evaluation results
+
+
+def test_a_resume_with_other_data_or_run_settings_is_said(experiment, sqa_root, tmp_path, caplog):
+    """A resume with another data_root or prompt_style was accepted silently, and its job's evaluate.txt mixed both."""
+    runner = experiment.build_runner()
+    runner.save_checkpoint(0, name="latest")
+    runner.release_job_folder()
+    path = runner.output_dir / "checkpoint_latest.pth"
+    options = sqa_options(sqa_root, tmp_path / "out", "run.max_epoch=2", "run.valid_splits=[]",
+                          f"run.resume_ckpt_path={path}", "datasets.scienceqa_mc.prompt_style=authors", "run.init_lr=0.5")
+    resumed = prepare(TINY_SQA, options).build_runner()
+    try:
+        with caplog.at_level("WARNING"):
+            resumed._load_checkpoint(str(path))
+    finally:
+        resumed.release_job_folder()
+    assert (f"run.resume_ckpt_path={path} was trained with other settings: "
+            "datasets.scienceqa_mc.prompt_style='ours' there, 'authors' here; run.init_lr=") in caplog.text
+    assert "max_epoch" not in caplog.text  # what a resume is for
+
+
+def test_a_failed_write_of_evaluation_results_names_the_file_and_leaves_no_partial_one(tmp_path):
+    """A real failed write (a file-size limit, as a full disk): LAVIS's save_result ended in an OSError traceback
+    naming no file, and left a truncated result JSON."""
+    script = f"""
+import resource, signal
+from lavis_ademvl.common.results import save_result
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+save_result([{{"question_id": n, "answer": "x" * 64}} for n in range(200)], {str(tmp_path)!r}, "test_epoch0", "question_id")
+"""
+    (tmp_path / "test_epoch0.json").write_text("[]")  # an earlier evaluation's file stays as it was
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"OSError: cannot write evaluation result {tmp_path / 'test_epoch0_rank0.json'}: File too large" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["test_epoch0.json"]
+    assert (tmp_path / "test_epoch0.json").read_text() == "[]"
+    save_result([{"question_id": 1}, {"question_id": 1}, {"question_id": 2}], str(tmp_path), "test_epoch0", "question_id")
+    assert json.loads((tmp_path / "test_epoch0.json").read_text()) == [{"question_id": 1}, {"question_id": 2}]

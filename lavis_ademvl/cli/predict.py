@@ -13,9 +13,9 @@ The config is the one the checkpoint was trained or evaluated with; without --ch
 untrained model is refused, as `ademvl evaluate` refuses it (`--options run.allow_untrained=true` to mean it).
 Multiple-choice (`scienceqa_mc`) models need --choices (--image is optional: a question without image, as in
 ScienceQA) and print the chosen option; the sample is built and answered by the same code as the task's evaluation
-(prompt style, text and image processors, answer format, inference method). An --instruction is asked as the MME task asks its questions ("Instruction: ...\nResponse:",
-greedy, run.max_len new tokens). Other models answer the question with the config's VQA prompt, or caption the image
-when no question is given.
+(prompt style, text and image processors, answer format, inference method). An --instruction is asked as the MME task
+asks its questions ("Instruction: ...\nResponse:", greedy, run.max_len new tokens). Other models answer the question
+with the config's VQA prompt, or caption the image when no question is given.
 """
 from __future__ import annotations
 

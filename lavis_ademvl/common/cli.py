@@ -10,10 +10,11 @@ A tool is a module with `main(argv) -> int`, decorated with `entry_point`, whose
         args = PARSER.parse_args(argv)
         ...
 
-A bad input (a missing file, an unknown key or value: USER_ERRORS) ends the tool with `error: <message>` on stderr and
-exit status 2 (argparse's own status for bad arguments), a failed run (`RunFailed`) with status 1; anything else is a
-bug and keeps its traceback. `train_or_reuse` runs `python -m lavis_ademvl.train` for one experiment, or reuses its
-finished run, and returns its job folder and test metrics.
+A bad input (a missing, unreadable or unwritable file or folder, an unknown key or value: USER_ERRORS) ends the tool
+with `error: <message>` on stderr and exit status 2 (argparse's own status for bad arguments), a failed run
+(`RunFailed`) with status 1; anything else is a bug and keeps its traceback. `train_or_reuse` runs
+`python -m lavis_ademvl.train` for one experiment, or reuses its finished run, and returns its job folder and test
+metrics.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from lavis_ademvl.common.config_files import load_with_includes, written_config
 from lavis_ademvl.common.results import finished_job, job_test_metrics, record_request
 
-# The exceptions that mean "the input is wrong" (their messages name the file, key or value at fault).
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, KeyError, ValueError)
+# The exceptions that mean "the input is wrong" (their messages name the file, key or value at fault). OSError: a
+# file or folder that cannot be read or written (Python's own name the path; our writes add it, `atomic.write_atomically`).
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, KeyError, ValueError)
 DEVICES = ("auto", "cpu", "cuda")
 
 

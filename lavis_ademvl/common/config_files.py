@@ -73,7 +73,7 @@ def parse_options(options: Sequence[str]) -> DictConfig:
             raise ValueError(f"--options {option!r}: give key=value pairs, e.g. run.max_epoch=5")
     try:
         return OmegaConf.from_dotlist(dotlist)
-    except OmegaConfBaseException as error:
+    except (OmegaConfBaseException, yaml.YAMLError) as error:  # yaml's: a value that is no YAML, `[1,`
         raise ValueError(f"--options {' '.join(dotlist)}: {error}") from error
 
 
@@ -106,14 +106,31 @@ class ExperimentConfig(Config):
 
 
 def check_registered(experiment: DictConfig, source: str) -> None:
-    """The model arch, task and datasets an experiment names are registered (else LAVIS fails with an assertion)."""
+    """The model arch, task, datasets and processors an experiment names are registered (else LAVIS fails with an
+    assertion, or `'NoneType' object has no attribute 'from_config'` for a processor)."""
     names = [("model.arch", "model", experiment.model.get("arch"), "model_name_mapping")]
     if (experiment.get("run") or {}).get("task") is not None:
         names.append(("run.task", "task", experiment.run.task, "task_name_mapping"))
     names += [(f"datasets.{name}", "dataset", name, "builder_name_mapping") for name in experiment.get("datasets") or {}]
+    names += [(key, "processor", name, "processor_name_mapping") for key, name in processor_names(experiment)]
     for key, kind, name, mapping in names:
         if name not in registry.mapping[mapping]:
             raise KeyError(f"{source}: {key}: unknown {kind} {name!r}; registered: {sorted(registry.mapping[mapping])}")
+
+
+def processor_names(experiment: DictConfig) -> list[tuple[str, str]]:
+    """(key, name) of every processor an experiment names: `datasets.X.{vis,text}_processor.{role}.name` and
+    `preprocess.{vis,text}_processor.{role}.name`."""
+    sections = {f"datasets.{name}": dataset for name, dataset in (experiment.get("datasets") or {}).items()}
+    sections["preprocess"] = experiment.get("preprocess")
+    found = []
+    for where, section in sections.items():
+        for kind in ("vis_processor", "text_processor"):
+            roles = section.get(kind) if isinstance(section, DictConfig) else None
+            for role, processor in (roles or {}).items():
+                if isinstance(processor, DictConfig) and "name" in processor:
+                    found.append((f"{where}.{kind}.{role}.name", processor.name))
+    return found
 
 
 def load_experiment(experiment: str | Path | DictConfig, options: Sequence[str] = ()) -> ExperimentConfig:

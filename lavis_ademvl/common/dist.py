@@ -14,14 +14,14 @@ from lavis_ademvl.common.run_config import dist_timeout_minutes
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str) -> str:
-    """`auto` picks CUDA when present; asking for CUDA without a GPU is an error, not a silent CPU run."""
+def resolve_device(name: str, key: str = "run.device") -> str:
+    """`auto` picks CUDA when present; asking for CUDA without a GPU is an error naming `key`, not a silent CPU run."""
     if name not in DEVICES:
-        raise ValueError(f"run.device={name!r} is not supported; choose one of {list(DEVICES)}")
+        raise ValueError(f"{key}={name!r} is not supported; choose one of {list(DEVICES)}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+        raise ValueError(f"{key}=cuda but no CUDA device is visible; use {key}=cpu or auto")
     return name
 
 

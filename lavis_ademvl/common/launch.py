@@ -113,6 +113,16 @@ def warn_if_other_task(checkpoint_task: str | None, task: str | None, checkpoint
                         checkpoint, checkpoint_task, task)
 
 
+def check_job_file(path: Path | None) -> None:
+    """--job-file names a file in a folder that exists: found now, not when it is written after the model is built."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--job-file {path} is a folder; give the file to write the run's job folder into")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--job-file {path}: its folder {path.parent} does not exist")
+
+
 def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -131,6 +141,7 @@ def lavis_script(
     @entry_point
     def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
+        check_job_file(args.job_file)
         runner = prepare(args.cfg_path, args.options, evaluating).build_runner()
         try:
             if args.job_file is not None and get_rank() == 0:

@@ -3,6 +3,7 @@
 Our tasks write it with `write_evaluation`; `read_evaluations` and `finished_test_metrics` read it, also the flat
 records {metric: value} that some of LAVIS's own tasks (e.g. `gqa`) write without their split, and the ScienceQA
 records of runs from before this shape, {"split": split, metric: value}, so that their finished runs are reused.
+`save_result` writes an evaluation's per-question records (result/<split>_epoch<epoch>.json) for every task of ours.
 """
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lavis.common.dist_utils import is_main_process
+import torch.distributed as dist
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.registry import registry
+
+from lavis_ademvl.common.atomic_files import write_atomically
 
 EVALUATION_FILE = "evaluate.txt"
 # What a finished job was asked to run (written by `train_or_reuse`), so that a changed request is not reused.
@@ -32,17 +36,45 @@ def write_evaluation(split: str, metrics: dict[str, Any], output_dir: str | Path
         handle.write(json.dumps({split: metrics}) + "\n")
 
 
-def gathered_records(task: Any, val_result: list[dict], split_name: str, epoch: Any) -> list[dict] | None:
-    """Every rank's records of one evaluation, merged by question_id through the task's LAVIS `save_result` (which
-    writes result/<split>_epoch<epoch>.json), on the main process; None on the other ranks."""
-    result_file = task.save_result(
-        val_result, result_dir=registry.get_path("result_dir"), filename=f"{split_name}_epoch{epoch}",
-        remove_duplicate="question_id",
-    )
+def gathered_records(val_result: list[dict], split_name: str, epoch: Any) -> list[dict] | None:
+    """Every rank's records of one evaluation, merged by question_id through `save_result` (which writes
+    result/<split>_epoch<epoch>.json), on the main process; None on the other ranks."""
+    result_file = save_result(val_result, result_dir=registry.get_path("result_dir"),
+                              filename=f"{split_name}_epoch{epoch}", remove_duplicate="question_id")
     if not is_main_process():
         return None
     with open(result_file) as handle:
         return json.load(handle)
+
+
+def save_result(result: list[dict], result_dir: str, filename: str, remove_duplicate: str = "") -> str:
+    """LAVIS's `BaseTask.save_result` (our tasks' own), every file written whole or not at all (`write_atomically`;
+    LAVIS's left a truncated file and a traceback naming none on a full disk): this rank's records as
+    <filename>_rank<r>.json, then on the main process every rank's, merged, as <filename>.json (the first record of
+    each `remove_duplicate` value), whose path it returns."""
+    folder = Path(result_dir)
+    write_atomically(folder / f"{filename}_rank{get_rank()}.json", json.dumps(result).encode(), "evaluation result")
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+    final = folder / f"{filename}.json"
+    if is_main_process():
+        merged = [record for rank in range(get_world_size())
+                  for record in json.loads((folder / f"{filename}_rank{rank}.json").read_text())]
+        if remove_duplicate:
+            merged = first_of_each(merged, remove_duplicate)
+        write_atomically(final, json.dumps(merged).encode(), "evaluation result")
+        logging.info("result file saved to %s", final)
+    return str(final)
+
+
+def first_of_each(records: list[dict], key: str) -> list[dict]:
+    """The first record of each value of `key` (a DDP sampler pads the last batch with repeated samples)."""
+    seen, kept = set(), []
+    for record in records:
+        if record[key] not in seen:
+            seen.add(record[key])
+            kept.append(record)
+    return kept
 
 
 def read_evaluations(path: str | Path) -> list[tuple[str | None, dict[str, Any]]]:

@@ -8,10 +8,13 @@ outside the frozen LLM's embedding.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BYTE_LEVEL = "byte_level"
+# The files a tokenizer is read from: the fast tokenizer's own, or those it is converted from (SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
@@ -32,7 +35,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """`byte_level`, a hub name or a local folder; must be a fast tokenizer (offsets keep answers aligned)."""
     if name_or_path == BYTE_LEVEL:
         return byte_level_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), use_fast=True)
+    folder = Path(os.path.expanduser(name_or_path))
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would try a converter and fail with "requires the protobuf library", which would not help
+        raise FileNotFoundError(f"tokenizer folder {folder} (model.tokenizer, else model.llm_model) holds none of the "
+                                f"tokenizer files {list(TOKENIZER_FILES)}; set model.tokenizer to a folder or hub name "
+                                "that has them")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(
             f"tokenizer {name_or_path!r} has no fast (Rust) version; ADEM-VL needs character offsets to "

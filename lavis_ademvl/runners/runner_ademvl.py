@@ -24,7 +24,6 @@ import datetime
 import io
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from lavis.tasks.base_task import BaseTask
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lavis_ademvl.common.atomic_files import write_atomically
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
 from lavis_ademvl.common.cli import RunFailed
 from lavis_ademvl.common.dist import broadcast_from_main, resolve_device
@@ -357,19 +357,14 @@ class RunnerAdemVL(RunnerBase):
         non_finite = non_finite_keys(checkpoint["model"])
         if non_finite:  # never replace a good resume point with broken weights
             raise RunFailed(f"epoch {cur_epoch}: not saving {path}: the weights {non_finite[:8]} hold NaN or inf")
-        partial = path.with_suffix(".pth.partial")
         # Serialized in memory and written by Python: torch's own file writer reports a full disk or a missing folder
         # as a RuntimeError without the OS's reason ("unexpected pos 704 vs 598"); Python's writes raise the OSError.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         try:
-            with open(partial, "wb") as handle:
-                handle.write(buffer.getbuffer())
-            os.replace(partial, path)  # an interrupted save never leaves a truncated checkpoint behind
-        except OSError as error:
-            with contextlib.suppress(OSError):  # nothing to remove where the folder itself is gone
-                partial.unlink()
-            raise RunFailed(f"cannot write checkpoint {path}: {error.strerror or error}") from error
+            write_atomically(path, buffer.getbuffer(), "checkpoint")  # never a truncated checkpoint
+        except OSError as error:  # the run cannot go on without its resume point
+            raise RunFailed(str(error)) from error
         logging.info("Saved epoch %d checkpoint to %s", cur_epoch, path)
 
     def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:  # safe load, every trainable key
@@ -393,6 +388,11 @@ class RunnerAdemVL(RunnerBase):
         if not isinstance(best_agg_metric, (int, float)) or isinstance(best_agg_metric, bool):
             raise ValueError(f"{where}: best_agg_metric={best_agg_metric!r} must be a number")
         check_same_task(checkpoint.get("config"), self.config.to_dict(), url_or_filename)
+        changed = changed_settings(checkpoint.get("config"), self.config.to_dict())
+        if changed:  # a moved data folder may be meant; another prompt style rarely is: said, not refused
+            logging.warning("run.resume_ckpt_path=%s was trained with other settings: %s; the resumed run trains and "
+                            "evaluates with this run's, and its job folder's log and evaluate.txt hold both",
+                            url_or_filename, "; ".join(changed))
         model.load_trainable_state(checkpoint["model"], source=url_or_filename)
         check_optimizer_state(checkpoint["optimizer"], self.optimizer, dict(model.named_parameters()), url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -431,6 +431,38 @@ def check_same_task(saved: dict | None, current: dict, source: str) -> None:
     saved_task, task = (saved.get("run") or {}).get("task"), (current.get("run") or {}).get("task")
     if saved_task != task:
         raise ValueError(f"run.resume_ckpt_path={source} comes from a run of task {saved_task!r}, not {task!r}")
+
+
+# Run keys a resume may change without changing what is trained and scored: how long, where and on what it runs.
+RESUME_MAY_CHANGE = frozenset({"resume_ckpt_path", "max_epoch", "epochs_per_job", "output_dir", "device", "world_size",
+                               "rank", "gpu", "distributed", "dist_url", "dist_backend", "num_workers", "log_freq",
+                               "dist_timeout_minutes"})
+
+
+def changed_settings(saved: dict | None, current: dict) -> list[str]:
+    """`key=<value> there, <value> here` for each `datasets` key, and `run` key but RESUME_MAY_CHANGE, that differs
+    between a checkpoint's saved config and this run's (the model's options are the model's to check)."""
+    if not saved:
+        return []
+
+    def settings(config: dict) -> dict[str, Any]:
+        run = {key: value for key, value in (config.get("run") or {}).items() if key not in RESUME_MAY_CHANGE}
+        return flattened({"datasets": config.get("datasets") or {}, "run": run})
+
+    before, after = settings(saved), settings(current)
+    return [f"{key}={before.get(key)!r} there, {after.get(key)!r} here"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
+def flattened(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested config dict (lists are values)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def check_optimizer_state(

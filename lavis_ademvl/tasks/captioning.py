@@ -24,7 +24,7 @@ from lavis.tasks.captioning import CaptionTask
 
 from lavis_ademvl.common.caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, score_captions
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.common.results import write_evaluation
+from lavis_ademvl.common.results import save_result, write_evaluation
 from lavis_ademvl.common.validation import check_choice
 from lavis_ademvl.datasets.datasets.coco_caption_datasets import CaptionImagesEvalDataset, caption_image_id
 
@@ -63,6 +63,8 @@ def extract_caption(text: str, pattern: re.Pattern | None) -> str:
 
 @register("task", "ademvl_captioning")
 class OfflineCaptionTask(CaptionTask):
+    save_result = staticmethod(save_result)  # LAVIS's after_evaluation writes its results with it: atomically
+
     def __init__(
         self,
         num_beams: int,

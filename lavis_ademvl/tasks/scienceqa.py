@@ -147,7 +147,7 @@ class ScienceQAMCTask(BaseTask):
         ]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        records = gathered_records(self, val_result, split_name, epoch)
+        records = gathered_records(val_result, split_name, epoch)
         if records is None:  # not the main process
             return None
         metrics = scienceqa_metrics(records)

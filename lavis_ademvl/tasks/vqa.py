@@ -18,7 +18,7 @@ from lavis.tasks.vqa import VQATask
 
 from lavis_ademvl.common.data_files import read_utf8
 from lavis_ademvl.common.registration import register
-from lavis_ademvl.common.results import write_evaluation
+from lavis_ademvl.common.results import save_result, write_evaluation
 
 # The header of an official questions file, which LAVIS's VQA.loadRes copies (a file without one ended with `error:
 # info`); only task_type is read, and ademvl_vqa's answers are open-ended.
@@ -65,6 +65,8 @@ def vqa_accuracy(annotation_file: str, question_file: str, result_file: str) -> 
 
 @register("task", "ademvl_vqa")
 class SubsetVQATask(VQATask):
+    save_result = staticmethod(save_result)  # LAVIS's after_evaluation writes its results with it: atomically
+
     def build_datasets(self, cfg: Any) -> dict:
         datasets = super().build_datasets(cfg)
         for split, question_file in self.ques_files.items():  # read before training, not after it

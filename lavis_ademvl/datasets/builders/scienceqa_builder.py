@@ -50,9 +50,13 @@ def for_split(value: Any, key: str, training: bool) -> Any:
     if not isinstance(value, (dict, DictConfig)):
         return value
     if set(value.keys()) != set(SPLIT_ROLES):
-        raise KeyError(
-            f"datasets.scienceqa_mc.{key} per split needs exactly the keys {list(SPLIT_ROLES)}, got {sorted(value.keys())}"
-        )
+        hint = ""
+        if len(value) == 1 and next(iter(value.values())) is None:  # `answer_cue=Answer:` is YAML's {Answer: null}
+            word = next(iter(value))
+            hint = (f"; YAML reads an unquoted '{word}:' as a mapping: for the text, quote it, e.g. "
+                    f"datasets.scienceqa_mc.{key}='\"{word}:\"'")
+        raise KeyError(f"datasets.scienceqa_mc.{key} per split needs exactly the keys {list(SPLIT_ROLES)}, got "
+                       f"{sorted(value.keys())}{hint}")
     return value["train" if training else "eval"]
 
 

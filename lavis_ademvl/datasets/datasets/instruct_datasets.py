@@ -71,6 +71,11 @@ def check_text(path: Path, entry_id: Any, field: str, value: Any) -> str:
     would be trained on as text ("None", "['The', 'square']")."""
     if not isinstance(value, str) or not value.strip():
         raise MalformedEntry(path, entry_id, f"{field} is {value!r}; it must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # the tokenizer would fail on it after the first iteration
+        raise MalformedEntry(path, entry_id, f"{field} holds {value[error.start:error.end]!r} at character "
+                             f"{error.start}, a lone surrogate (a JSON \\ud800 escape) that no tokenizer encodes") from error
     return value
 
 

@@ -90,7 +90,7 @@ def _read_table(path: Path) -> list[tuple[int, dict[str, str]]]:
         raise FileNotFoundError(f"MMBench TSV not found: {path}")
     csv.field_size_limit(sys.maxsize)  # base64 images are longer than csv's default field limit
     table = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # a BOM, as pandas and VLMEvalKit read it
         reader = csv.DictReader(handle, delimiter="\t")
         try:
             for row in reader:
@@ -117,7 +117,7 @@ def _indexed(path: Path, table: list[tuple[int, dict[str, str]]]) -> dict[int, d
     lines: dict[int, int] = {}
     for line, row in table:
         text = row["index"].strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):  # str.isdigit() takes '¹', which int() refuses
             raise ValueError(f"MMBench TSV {path}, line {line}: column `index` is {row['index']!r}, not a "
                              "non-negative integer")
         index = int(text)
@@ -159,7 +159,7 @@ def _image(where: str, value: str, images: dict[int, str]) -> str:
     if len(value) > IMAGE_REFERENCE_MAX:
         return value
     reference = value.strip()
-    if reference.isdigit() and int(reference) in images:
+    if reference.isascii() and reference.isdigit() and int(reference) in images:
         return images[int(reference)]
     raise ValueError(f"{where}: column `image` is {value!r}, neither base64 nor the index of a row holding an image")
 
