@@ -198,6 +198,9 @@ def tower_folders(tmp_path_factory):
     (root / "corrupt").mkdir()
     (root / "corrupt" / "config.json").write_text('{"model_type": "llama", ')
     saved_folder(root / "clip", lambda: CLIPVisionModel(CLIPVisionConfig(**VISION)), seed=0)
+    # a LLaMA config.json of other widths over Qwen2's weights
+    saved_folder(root / "other_type", lambda: Qwen2ForCausalLM(Qwen2Config(**LLM)), seed=0)
+    (root / "other_type" / "config.json").write_text(LlamaConfig(**{**LLM, "intermediate_size": 96}).to_json_string())
     return root
 
 
@@ -211,6 +214,8 @@ def edit_weights(folder, edit) -> None:
 @pytest.mark.parametrize("folder, tokenizer, named", [
     ("shape", "byte_level", r"model.llm_model='.*shape' does not load completely into .*; weights of another shape: "
                             r"\['model.norm.weight'\]"),  # was torch's `size mismatch`, naming no folder
+    ("other_type", "byte_level", r"model.llm_model='.*other_type' does not load completely into .*unexpected: "
+                                 r"\['model.layers.0.self_attn.k_proj.bias'.*of another shape: \['model.layers.0.mlp"),
     ("missing", "byte_level", r"model.llm_model='.*missing' could not be loaded"),  # these three: good, as tracebacks
     ("no_weights", "byte_level", r"model.llm_model='.*no_weights' could not be loaded.*no file named"),
     ("corrupt", "byte_level", r"model.llm_model='.*corrupt' could not be loaded.*config.json' is not a valid JSON"),
