@@ -271,8 +271,9 @@ class AdemVL(RankScoringMixin, BaseModel):
         saved = checkpoint.get("config")
         if isinstance(saved, dict) and saved.get("model"):
             AdemVLConfig.check_compatible(saved["model"], dataclasses.asdict(self.config), source)
-        check_same_backbones(checkpoint.get("backbones"), self.backbone_identity(), source,
-                             self.config.allow_backbone_mismatch)
+        if checkpoint.get("backbones") is not None:  # the authors' checkpoints, and ours before the record, have none
+            check_same_backbones(checkpoint["backbones"], self.backbone_identity(), source,
+                                 self.config.allow_backbone_mismatch)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load trainable weights written by this project or released by the authors (mapped, see

@@ -103,10 +103,8 @@ def described(part: str, identity: dict[str, Any] | None) -> str:
 
 
 def check_same_backbones(saved: Any, current: dict[str, Any], source: str, allow_mismatch: bool) -> None:
-    """A ValueError naming each frozen part the checkpoint was trained on that differs from the model's, both sides
-    (with `allow_mismatch`: a warning). A checkpoint without a record (the authors', ours before it) is not checked."""
-    if saved is None:
-        return
+    """A ValueError naming each frozen part the checkpoint was trained on (its record `saved`) that differs from the
+    model's (`current`), both sides; with `allow_mismatch`, a warning."""
     if not isinstance(saved, dict) or not all(isinstance(saved.get(part), (dict, type(None))) for part in PARTS):
         raise ValueError(f"checkpoint {source}: its `backbones` record is not a mapping of {sorted(PARTS)}")
     differences = []
