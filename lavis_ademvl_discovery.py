@@ -4,9 +4,12 @@ LAVIS has no plugin discovery of its own, so the install puts `lavis_ademvl_disc
 interpreter start that file calls `install()`, which only puts `LavisPluginFinder` first on `sys.meta_path`. The
 finder answers three names and passes every other import through untouched:
 
-- `lavis`: found as usual by the other finders; once LAVIS's `lavis/__init__.py` has run, `lavis_ademvl` is imported,
-  which registers ADEM-VL's model, processors, builder, tasks, runner and scheduler. Skipped when the environment
-  variable LAVIS_ADEMVL_DISCOVERY is 0/false/no/off, and a no-op when `lavis_ademvl` is not installed.
+- `lavis`: found as usual by the other finders. Before `lavis/__init__.py` runs, `lavis_ademvl_compat` puts back
+  what LAVIS 1.0.2 imports from transformers and transformers 5 removed (a no-op on 4.x), so that LAVIS imports on
+  both; once it has run, `lavis_ademvl` is imported, which registers ADEM-VL's model, processors, builder, tasks,
+  runner and scheduler. The plugin import is skipped when the environment variable LAVIS_ADEMVL_DISCOVERY is
+  0/false/no/off (the compatibility step is not: without it LAVIS does not import on transformers 5), and both are
+  no-ops when the plugin is not installed.
 - `lavis.train`, `lavis.evaluate` (the LAVIS wheel ships no such modules: its train.py and evaluate.py live only at
   the root of a source checkout): `lavis_ademvl/train.py` and `evaluate.py` under these names, so that
   `python -m lavis.train --cfg-path X.yaml` (and `torchrun -m lavis.train`) behave as `python -m lavis_ademvl.train`.
@@ -29,6 +32,7 @@ ENV_VAR = "LAVIS_ADEMVL_DISCOVERY"
 OFF_VALUES = ("0", "false", "no", "off")
 ON_VALUES = ("", "1", "true", "yes", "on")
 PLUGIN = "lavis_ademvl"
+COMPAT = "lavis_ademvl_compat"
 SCRIPTS = {"lavis.train": "lavis_ademvl.train", "lavis.evaluate": "lavis_ademvl.evaluate"}
 
 
@@ -46,6 +50,15 @@ def discovery_enabled() -> bool:
             stacklevel=2,
         )
     return True
+
+
+def apply_compat() -> None:
+    """Run lavis_ademvl_compat.apply() if it is installed; a failure is a warning (LAVIS then fails as it would)."""
+    try:
+        if importlib.util.find_spec(COMPAT) is not None:
+            importlib.import_module(COMPAT).apply()
+    except Exception as error:  # never break an import that might have worked without it
+        warnings.warn(f"{COMPAT}.apply() failed before LAVIS was imported: {error!r}", RuntimeWarning, stacklevel=2)
 
 
 def import_plugin() -> None:
@@ -77,8 +90,10 @@ class LavisPluginFinder:
             return None
         spec = self._find_with_other_finders(fullname, path, target)
         if fullname == "lavis":
-            if spec is not None and spec.loader is not None and discovery_enabled():
-                _import_plugin_after_exec(spec.loader)
+            if spec is not None and spec.loader is not None:
+                apply_compat()
+                if discovery_enabled():
+                    _import_plugin_after_exec(spec.loader)
             return spec
         return spec if spec is not None else _script_spec(fullname)
 

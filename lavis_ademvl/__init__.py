@@ -4,6 +4,11 @@ runner `runner_ademvl` and the `linear_warmup_cosine_iter_lr` scheduler. Install
 by itself right after `import lavis` (lavis_ademvl_discovery.py)."""
 import os
 
+import lavis_ademvl_compat
+
+# Before LAVIS: what it imports from transformers 4.x, on 5.x (the discovery hook has done it already when installed).
+lavis_ademvl_compat.apply()
+# ruff: noqa: E402  (the imports below need the step above)
 import lavis  # noqa: F401  (LAVIS registers its own components first)
 from lavis.common.registry import registry
 

@@ -27,6 +27,7 @@ from lavis_ademvl.assets import smollm2 as smollm2_module
 from lavis_ademvl.assets._atomic import build_atomically
 from lavis_ademvl.assets.easyvqa_sqa import COLOURS, FAMILIES, FAMILY_WEIGHTS, KIND_WEIGHTS, SHAPES, family_of
 from lavis_ademvl.cli.assets import main as assets_main
+from lavis_ademvl.common.hf_folders import rope_settings
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS
 
 SPLITS = ("train", "val", "test")
@@ -52,11 +53,13 @@ def test_smollm2_config(smollm2_dir, smollm2):
     model, _ = smollm2
     config = model.config
     assert config.model_type == "llama"
-    assert config.rope_theta == 100000
+    assert rope_settings(config)["rope_theta"] == 100000
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
     assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (9, 3, 1536)
     assert model.dtype == torch.float32
+    # what transformers 4.x reads, also in a folder written by 5.x (which writes rope_parameters)
     assert json.loads((smollm2_dir / "config.json").read_text())["rope_theta"] == 100000
+    assert json.loads((smollm2_dir / "tokenizer_config.json").read_text())["tokenizer_class"] != "TokenizersBackend"
     assert (smollm2_dir / "model.safetensors").is_file()
     assert read_marker(smollm2_dir)["asset"] == "smollm2"
 

@@ -21,14 +21,14 @@ from lavis.common.registry import registry
 from lavis.processors import randaugment
 from PIL import Image, ImageOps
 from scienceqa_fixture import make_scienceqa
-from tokenizers import Tokenizer, decoders, models, normalizers
+from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
-from transformers import LlamaTokenizer, LlamaTokenizerFast
-from transformers.convert_slow_tokenizer import SentencePieceExtractor
+from transformers import LlamaTokenizerFast
 
 from lavis_ademvl.common.config_files import load_experiment
 from lavis_ademvl.datasets.datasets.scienceqa_datasets import collate
+from lavis_ademvl.models.tokenization import load_tokenizer
 from lavis_ademvl.processors.ademvl_processors import autocontrast
 from lavis_ademvl.tasks.captioning import compile_caption_pattern, extract_caption
 
@@ -180,19 +180,35 @@ def sentencepiece_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama_tokenizer")
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    # transformers' LlamaConverter pipeline (its protobuf step replaced by reading the model through sentencepiece).
-    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
-    vocab, merges = SentencePieceExtractor(str(folder / "tokenizer.model")).extract(scores)
+    # transformers' LlamaConverter pipeline, its vocabulary and merges read through sentencepiece (its own extractor
+    # changed API in transformers 5 and needs protobuf).
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = sentencepiece_bpe_merges(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
+    # LLaMA's tokenizer.json prepends <s> (transformers 4.x's LlamaTokenizerFast sets this itself; 5.x keeps the file's)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
     LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                        legacy=True).save_pretrained(folder)
-    slow = LlamaTokenizer(str(folder / "tokenizer.model"), legacy=True)
+    saved = load_tokenizer(str(folder))  # as the model loads it, on transformers 4.x and 5.x
     for text in ("Image: ", "a picture of ", "Question:  x\nResponse:The answer is B.", " ümlaut  é "):
-        assert slow(text, add_special_tokens=False).input_ids == sp.encode(text)  # transformers' own LLaMA tokenizer
+        assert saved(text).input_ids == [sp.bos_id(), *sp.encode(text)]
     return sp, folder
+
+
+def sentencepiece_bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """A SentencePiece BPE model's merges: each piece split in two pieces of the vocabulary, in the order the merged
+    pieces were learnt (their ids), ties by the ids of the two halves."""
+    merges = []
+    for piece, piece_id in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((piece_id, vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
 
 
 def llama_model(folder, **overrides):
@@ -439,7 +455,13 @@ def test_every_shipped_experiment_config_is_valid(cfg_path):
     from lavis_ademvl.models.config import TRUNCATIONS, AdemVLConfig
 
     names = list(load_with_includes(cfg_path).get("datasets") or {})
-    config = load_experiment(cfg_path, [f"datasets.{name}.build_info.data_root=/unused" for name in names]).config
+    options = [f"datasets.{name}.build_info.data_root=/unused" for name in names]
+    if "compare" in load_with_includes(cfg_path):  # `ademvl compare`'s: its first entry's experiment, as it builds it
+        from lavis_ademvl.cli.compare import entry_config
+
+        config = load_experiment(entry_config(cfg_path, 0, options)[1]).config
+    else:
+        config = load_experiment(cfg_path, options).config
     assert AdemVLConfig.from_dict(config.model).truncation in TRUNCATIONS
     for name in names:
         dataset = config.datasets[name]

@@ -64,12 +64,13 @@ def expected_features(intact: torch.nn.Module, name: str, image: torch.Tensor) -
     """[cls] and patches re-stated from an intact tower: its hidden state entering the last block, the final norm, and
     per family the class token (skipping DINOv2's registers), SigLIP's head, or the patches' mean."""
     entering_last = intact(pixel_values=image, output_hidden_states=True).hidden_states[-2]
+    core = VISION_FAMILIES[TOWERS[name]["model_type"]].core_of(intact)  # transformers 4.x: its vision_model
     if name == "clip":
-        normed = intact.vision_model.post_layernorm(entering_last)
+        normed = core.post_layernorm(entering_last)
         return normed
     if name.startswith("siglip"):
-        normed = intact.vision_model.post_layernorm(entering_last)
-        cls = intact.vision_model.head(normed) if name == "siglip" else normed.mean(1)
+        normed = core.post_layernorm(entering_last)
+        cls = core.head(normed) if name == "siglip" else normed.mean(1)
         return torch.cat([cls[:, None], normed], dim=1)
     normed = intact.layernorm(entering_last)
     registers = TOWERS[name].get("num_register_tokens", 0)
@@ -102,10 +103,13 @@ def test_adapter_output_enters_the_residual_stream_beside_the_mlp(name):
     hidden = torch.randn(2, 17 + TOWERS[name].get("num_register_tokens", 0), 32)
     extra = {"attention_mask": None} if "dinov2" not in name else {}
     extra.update({"causal_attention_mask": None} if name == "clip" else {})
+    def hidden_out(output):  # a tuple in transformers 4.x, the hidden state itself in 5.x
+        return output[0] if isinstance(output, tuple) else output
+
     with torch.no_grad():
-        plain = block(hidden, **extra)[0]
+        plain = hidden_out(block(hidden, **extra))
         adapter.fc2.weight.normal_(0, 1)
-        adapted = block(hidden, **extra)[0]
+        adapted = hidden_out(block(hidden, **extra))
         handle.remove()
         torch.testing.assert_close(adapted - plain, adapter(inputs[1]), rtol=1e-5, atol=1e-5)
 
@@ -209,8 +213,9 @@ def test_a_whole_siglip_checkpoint_loads_its_vision_tower(tmp_path):
     whole.save_pretrained(tmp_path / "whole")
     model = AdemVL.from_config(tiny_config(vision_model=str(tmp_path / "whole"), vision_config=None))
     assert isinstance(model.vision_tower, SiglipVisionModel)
-    saved = whole.vision_model.state_dict()
-    for key, value in model.vision_tower.vision_model.state_dict().items():
+    core_of = VISION_FAMILIES["siglip_vision_model"].core_of  # the same parameter names on transformers 4.x and 5.x
+    saved = core_of(whole.vision_model).state_dict()
+    for key, value in core_of(model.vision_tower).state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
 
 

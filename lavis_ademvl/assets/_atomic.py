@@ -7,6 +7,7 @@ leaves only a `.<name>.partial-*` sibling, which a later build removes once its 
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from typing import Any
 from lavis_ademvl.common.job_lock import pid_alive
 
 # How a user without the builders' dependencies (`easy-vqa`, `gguf`) gets them.
+# Part of every model asset's build parameters: a folder built under one major version is rebuilt under the other.
+TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
 DEMO_EXTRA = 'pip install "lavis-ademvl[demo]" (from a checkout: pip install -e ".[demo]", or make demo)'
 
 MARKER = ".complete"

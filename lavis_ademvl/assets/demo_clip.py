@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lavis_ademvl.assets._atomic import build_atomically
+from lavis_ademvl.assets._atomic import TRANSFORMERS_MAJOR, build_atomically
 from lavis_ademvl.assets.easyvqa_sqa import COLOURS, SHAPES, labelled_images
+from lavis_ademvl.common.hf_folders import make_portable
 
 # Bump when the training code changes what a given recipe produces.
 RECIPE_VERSION = 1
@@ -203,12 +204,14 @@ def build_demo_clip(out_dir: Path, seed: int = 0, steps: int | None = None, prog
         "text_config": TEXT_CONFIG,
         "projection_dim": PROJECTION_DIM,
         "captions": list(CAPTION_TEMPLATES),
+        "transformers_major": TRANSFORMERS_MAJOR,  # a build under one major version is never reused under the other
     }
 
     def build(tmp: Path) -> None:
         model, tokenizer, losses = pretrain_clip(labelled_images("train"), steps, seed, progress)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         report = {
             "train_loss_every_10_steps": [round(loss, 4) for loss in losses[::10]],
             "final_train_loss": round(losses[-1], 4),

@@ -12,13 +12,15 @@ the way SmolLM2 was trained.
 """
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lavis_ademvl.assets._atomic import DEMO_EXTRA, build_atomically
+from lavis_ademvl.assets._atomic import DEMO_EXTRA, TRANSFORMERS_MAJOR, build_atomically
+from lavis_ademvl.common.hf_folders import make_portable, rope_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -81,6 +83,8 @@ def convert_smollm2(out_dir: Path, gguf_path: Path | None = None) -> Path:
         "format_version": FORMAT_VERSION,
         "gguf": gguf_path.name,
         "gguf_bytes": gguf_path.stat().st_size,
+        # a folder written under one transformers major version is rebuilt, never reused, under the other
+        "transformers_major": TRANSFORMERS_MAJOR,
     }
     return build_atomically(Path(out_dir), params, lambda tmp: _convert(gguf_path, tmp))
 
@@ -91,16 +95,23 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
 
     meta = read_gguf_metadata(gguf_path)
     tokenizer = _build_tokenizer(gguf_path, meta)
-    model = AutoModelForCausalLM.from_pretrained(
+    # transformers dequantizes the GGUF weights to float32 as it loads them; 5.x keeps the model marked as quantized
+    # (it refuses .float() and save_pretrained), so the weights move into a plain model of the same config.
+    loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
     )
-    model = model.float()
-    config = model.config
-    # transformers' GGUF loader maps llama.rope.freq_base to rope_theta today; enforce it in case a
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    # transformers' GGUF loader maps llama.rope.freq_base to the rope theta today; enforce it in case a
     # version drops it (the LlamaConfig default, 10000, would silently change every position encoding).
     rope_theta = float(meta.get("llama.rope.freq_base", 100000.0))
-    if float(getattr(config, "rope_theta", 0.0)) != rope_theta:
-        config.rope_theta = rope_theta
+    if float(rope_settings(config).get("rope_theta", 0.0)) != rope_theta:
+        raise RuntimeError(f"the GGUF loader read rope theta {rope_settings(config).get('rope_theta')}, "
+                           f"the file says {rope_theta}")
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -112,10 +123,11 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
 
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    make_portable(out_dir)
     (out_dir / "gguf_metadata.json").write_text(json.dumps(_jsonable(meta), indent=2, sort_keys=True) + "\n")
 
     saved = json.loads((out_dir / "config.json").read_text())
-    if float(saved.get("rope_theta", 0.0)) != rope_theta:
+    if float(saved.get("rope_theta", 0.0)) != rope_theta:  # what transformers 4.x reads (5.x: rope_parameters too)
         raise RuntimeError(f"rope_theta {saved.get('rope_theta')} saved instead of {rope_theta}")
 
 

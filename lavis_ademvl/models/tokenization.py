@@ -7,10 +7,12 @@ outside the frozen LLM's embedding.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import cached_file
 
 BYTE_LEVEL = "byte_level"
 # The files a tokenizer is read from: the fast tokenizer's own, or those it is converted from (SentencePiece, BPE, WordPiece).
@@ -42,6 +44,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                                 f"tokenizer files {list(TOKENIZER_FILES)}; set model.tokenizer to a folder or hub name "
                                 "that has them")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    if tokenizer.is_fast:
+        keep_saved_pipeline(tokenizer, str(folder))
     if not tokenizer.is_fast:
         raise ValueError(
             f"tokenizer {name_or_path!r} has no fast (Rust) version; ADEM-VL needs character offsets to "
@@ -58,3 +62,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         # do); some name a BOS that they never add (SmolLM2's <|im_start|>); Qwen names none.
         tokenizer.bos_token = None
     return tokenizer
+
+
+def keep_saved_pipeline(tokenizer: PreTrainedTokenizerFast, name_or_path: str) -> None:
+    """Put back the normalizer and pre-tokenizer of the checkpoint's tokenizer.json where the tokenizer class replaced
+    them with its own. transformers 5 rebuilds LLaMA's from the class (a Metaspace that adds no dummy prefix before a
+    leading space), so a text starting with a space would no longer tokenize as the LLM's SentencePiece model did;
+    transformers 4.x reads the file as it is (then nothing changes)."""
+    path = cached_file(name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
+    if path is None:
+        return
+    from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
+    with open(path, encoding="utf-8") as file:
+        saved = json.load(file)
+    loaded = json.loads(backend.to_str())
+    if all(saved.get(part) == loaded.get(part) for part in ("normalizer", "pre_tokenizer")):
+        return
+    original = Tokenizer.from_file(path)
+    backend.normalizer, backend.pre_tokenizer = original.normalizer, original.pre_tokenizer

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lavis_ademvl.common.hf_folders import check_rope_read
 from lavis_ademvl.models.config import AdemVLConfig
 from lavis_ademvl.models.tokenization import load_tokenizer
 from lavis_ademvl.models.vision_towers import (
@@ -211,18 +212,27 @@ def load_complete(model_cls: type | None, key: str, name_or_path: str, **options
             model_cls, others = family.model_class, family.other_weights
         if model_type in EAGER_ATTENTION:
             options.setdefault("attn_implementation", "eager")
-        model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **options)
+        # Weights of another shape are reported in `info` (below, naming the folder) rather than raised by torch.
+        try:
+            model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True, **options)
+        except ValueError as error:  # e.g. a vision tower as the LLM: transformers lists every type, naming no key
+            raise ValueError(f"model.{key}={name_or_path!r} holds a {model_type!r} model, which {model_cls.__name__} "
+                             f"does not load: {str(error).splitlines()[0]}") from error
     except OSError as error:
         raise OSError(f"model.{key}={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+    # Lists in transformers 4.x, sets in 5.x: sorted, so the message is the same on both.
     problems = {
-        "missing (they would start random)": info["missing_keys"],
-        "unexpected": [name for name in info["unexpected_keys"] if not name.startswith(others)],
-        "of another shape": [entry[0] for entry in info["mismatched_keys"]],
+        "missing (they would start random)": sorted(info["missing_keys"]),
+        "unexpected": sorted(name for name in info["unexpected_keys"] if not name.startswith(others)),
+        # (name, shape there, shape here) in some transformers releases, the name alone in others (4.55)
+        "of another shape": sorted(entry if isinstance(entry, str) else entry[0] for entry in info["mismatched_keys"]),
     }
     found = [f"{kind}: {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})" for kind, keys in problems.items() if keys]
     if found:
         raise ValueError(f"model.{key}={name_or_path!r} does not load completely into {model_cls.__name__}; weights "
                          + "; ".join(found))
+    check_rope_read(PretrainedConfig.get_config_dict(name_or_path)[0], model.config, f"model.{key}={name_or_path!r}")
     return model
 
 

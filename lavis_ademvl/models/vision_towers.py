@@ -33,14 +33,21 @@ class VisionFamily:
 
     model_class: type[PreTrainedModel]
     model_types: tuple[str, ...]  # the tower's config type, and the whole model's whose `vision_config` it loads
-    blocks: str  # attribute path of the list of transformer blocks
+    blocks: str  # attribute path of the list of transformer blocks, from the tower's core (`core_of`)
     adapter_in: str  # the block submodule whose input the adapter reads: the MLP's, after its norm
     adapter_out: str  # the submodule whose output the adapter's output joins: the MLP branch's last, before the residual
     class_feature: str  # CLASS_TOKEN or POOLED_OUTPUT
-    final_norm: str | None  # the final norm ADEM-VL applies itself; None: the model's own output is normed already
+    final_norm: str | None  # the final norm ADEM-VL applies itself, from the core; None: the output is normed already
     other_weights: tuple[str, ...] = ()  # weight-name prefixes a whole-model checkpoint holds beside the tower
     # Whether its forward interpolates position embeddings only when asked (CLIP, SigLIP); DINOv2's always does.
     asks_to_interpolate: bool = True
+    # The submodule holding embeddings, blocks and norms in transformers 4.x (CLIP's and SigLIP's `vision_model`);
+    # transformers 5's classes hold them themselves.
+    wrapper: str | None = None
+
+    def core_of(self, tower: nn.Module) -> nn.Module:
+        """The module `blocks` and `final_norm` are paths from: the wrapper where this transformers has one."""
+        return getattr(tower, self.wrapper) if self.wrapper and hasattr(tower, self.wrapper) else tower
 
     def prefix_tokens(self, config: PretrainedConfig) -> int:
         """Tokens before the patches in the blocks' sequence: the class token and DINOv2's register tokens."""
@@ -50,13 +57,13 @@ class VisionFamily:
 VISION_FAMILIES: dict[str, VisionFamily] = {
     # h += mlp(layer_norm2(h)); the model's last_hidden_state is not normed, post_layernorm is applied here.
     "clip_vision_model": VisionFamily(
-        CLIPVisionModel, ("clip_vision_model", "clip"), "vision_model.encoder.layers", "mlp", "mlp", CLASS_TOKEN,
-        "vision_model.post_layernorm", ("text_model.", "text_projection.", "visual_projection.", "logit_scale"),
+        CLIPVisionModel, ("clip_vision_model", "clip"), "encoder.layers", "mlp", "mlp", CLASS_TOKEN, "post_layernorm",
+        ("text_model.", "text_projection.", "visual_projection.", "logit_scale"), wrapper="vision_model",
     ),
     # No class token; last_hidden_state comes out of post_layernorm, and the head pools it.
     "siglip_vision_model": VisionFamily(
-        SiglipVisionModel, ("siglip_vision_model", "siglip"), "vision_model.encoder.layers", "mlp", "mlp", POOLED_OUTPUT,
-        None, ("text_model.", "logit_scale", "logit_bias"),
+        SiglipVisionModel, ("siglip_vision_model", "siglip"), "encoder.layers", "mlp", "mlp", POOLED_OUTPUT, None,
+        ("text_model.", "logit_scale", "logit_bias"), wrapper="vision_model",
     ),
     # h += layer_scale2(mlp(norm2(h))): the adapter joins after the layer scale, so it enters the residual stream
     # unscaled, as beside CLIP's MLP. Tokens: [cls], registers, patches; last_hidden_state is normed.
@@ -109,14 +116,16 @@ def random_vision_tower(values: dict) -> PreTrainedModel:
 
 
 def tower_blocks(tower: PreTrainedModel) -> nn.ModuleList:
-    return tower.get_submodule(family_of(tower).blocks)
+    family = family_of(tower)
+    return family.core_of(tower).get_submodule(family.blocks)
 
 
 def drop_last_block(tower: PreTrainedModel) -> nn.ModuleList:
     """Remove the tower's last block (its output is never read) and return the blocks that run."""
-    parent, _, name = family_of(tower).blocks.rpartition(".")
+    family = family_of(tower)
+    parent, _, name = family.blocks.rpartition(".")
     blocks = tower_blocks(tower)[:-1]
-    setattr(tower.get_submodule(parent), name, blocks)
+    setattr(family.core_of(tower).get_submodule(parent), name, blocks)
     return blocks
 
 
@@ -144,7 +153,7 @@ def vision_features(tower: PreTrainedModel, image: torch.Tensor, image_size: int
     output = tower(pixel_values=image.to(tower.dtype), **options)
     hidden = output.last_hidden_state
     if family.final_norm is not None:
-        hidden = tower.get_submodule(family.final_norm)(hidden)
+        hidden = family.core_of(tower).get_submodule(family.final_norm)(hidden)
     prefix = family.prefix_tokens(tower.config)
     if family.class_feature == CLASS_TOKEN and prefix == 1:
         return hidden  # already [cls] + patches (CLIP, DINOv2): no copy
