@@ -177,3 +177,10 @@ def test_a_portable_tokenizer_folder_names_a_class_both_versions_load(tmp_path):
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     text = "Question: what is it?"
     assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == byte_level_tokenizer()(text).input_ids
+
+
+def test_rank_scoring_names_the_kv_cache_as_this_transformers_prefers():
+    """5.x deprecates `past_key_values` (removed in 5.40) for `cache`; 4.x knows only `past_key_values`."""
+    from lavis_ademvl.models.scoring import kv_cache_argument
+
+    assert kv_cache_argument(tiny_model().llm) == ("cache" if TRANSFORMERS_MAJOR >= 5 else "past_key_values")

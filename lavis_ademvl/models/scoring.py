@@ -6,6 +6,7 @@ it reads the model only through its public face (`sample_texts`, `processor`, `s
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -72,6 +73,13 @@ class RankScoringMixin:
         return [candidates[max(range(len(row)), key=row.__getitem__)] for candidates, row in zip(shortlists, scores)]
 
 
+
+def kv_cache_argument(llm: torch.nn.Module) -> str:
+    """What the LLM's forward calls its key/value cache, in and out: `cache` in transformers 5 (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` in 4.x."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
 def shared_prefix_scores(model: RankScoringMixin, pair_samples: dict, rows: torch.Tensor, visual: VisualInputs) -> list[float]:
     """Scores of (sample, candidate) pairs, sample `rows[i]` for pair i: each sample's tokens common to all its pairs
     (up to its first answer token) run once, with the KV cache, and the rest of each pair after it.
@@ -118,7 +126,8 @@ def shared_prefix_scores(model: RankScoringMixin, pair_samples: dict, rows: torc
             inputs_embeds=embeds, attention_mask=prefix_batch.attention_mask, position_ids=prefix_batch.position_ids,
             use_cache=True, **model.logits_to_keep(embeds, 1),
         )
-    prefix_logits, cache = output.logits[:, -1], output.past_key_values
+    cache_key = kv_cache_argument(model.llm)
+    prefix_logits, cache = output.logits[:, -1], getattr(output, cache_key)
 
     starts = [shared[sample_of[i]] for i in scored]
     suffix_ids = [sequences[i][start:] for i, start in zip(scored, starts)]
@@ -140,7 +149,7 @@ def shared_prefix_scores(model: RankScoringMixin, pair_samples: dict, rows: torc
     with model.llm_inputs(suffix_batch, pair_visual) as embeds:
         output = model.llm(
             inputs_embeds=embeds, attention_mask=suffix_batch.attention_mask,
-            position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
+            position_ids=position_ids.to(device), use_cache=True, **{cache_key: cache},
         )
     # The logit for suffix token t comes from the token before it: the prefix's last one for t = 0.
     logits = torch.cat([prefix_logits[group_of.to(index_device)].unsqueeze(1), output.logits[:, :-1]], dim=1)
