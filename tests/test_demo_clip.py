@@ -26,6 +26,7 @@ from lavis_ademvl.assets.demo_clip import (
     pretrain_clip,
 )
 from lavis_ademvl.assets.easyvqa_sqa import COLOURS, SHAPES, labelled_images
+from lavis_ademvl.models.vision_towers import VISION_FAMILIES
 
 PROBE_TRAIN_IMAGES = 600
 # Measured with TEST_CLIP_STEPS = 150 (seed 0, 2 threads): colour 0.993, shape 0.509, caption retrieval 0.420; chance
@@ -35,11 +36,14 @@ SHAPE_PROBE_MIN = 0.42
 RETRIEVAL_MIN = 0.30
 
 
+CLIP = VISION_FAMILIES["clip_vision_model"]
+
+
 def cls_features(tower: CLIPVisionModel, images: list[tuple[str, str, str]]) -> torch.Tensor:
     """The [cls] feature ADEM-VL reads: the input of the tower's last block, after its final layer norm."""
     with torch.no_grad():
         hidden = tower(pixel_values=pixel_values([path for path, _, _ in images]), output_hidden_states=True)
-        return tower.vision_model.post_layernorm(hidden.hidden_states[-2])[:, 0]
+        return CLIP.core_of(tower).post_layernorm(hidden.hidden_states[-2])[:, 0]
 
 
 def linear_probe_accuracy(train: torch.Tensor, train_labels: list[str], test: torch.Tensor, test_labels: list[str]) -> float:
@@ -64,8 +68,9 @@ def test_folder_is_a_clip_checkpoint_loaded_like_a_real_one(demo_clip_dir):
     assert (tower.config.image_size, tower.config.patch_size) == (64, 8)
     assert tower.config.hidden_size == VISION_CONFIG["hidden_size"]
     full = CLIPModel.from_pretrained(demo_clip_dir)
-    for name, value in tower.state_dict().items():
-        assert torch.equal(value, full.state_dict()[name]), name
+    whole = CLIP.core_of(full.vision_model).state_dict()  # the same names on transformers 4.x and 5.x
+    for name, value in CLIP.core_of(tower).state_dict().items():
+        assert torch.equal(value, whole[name]), name
     tokenizer = AutoTokenizer.from_pretrained(demo_clip_dir)
     ids = tokenizer("a red circle").input_ids
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id == full.config.text_config.eos_token_id

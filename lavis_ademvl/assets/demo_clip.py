@@ -173,14 +173,20 @@ def pretrain_clip(
     return model.eval(), tokenizer, losses
 
 
+def projected(features: Any) -> torch.Tensor:
+    """CLIP's projected embeddings from `get_{image,text}_features`: the tensor itself in transformers 4.x, the
+    output's `pooler_output` in 5.x."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
 @torch.no_grad()
 def caption_retrieval_accuracy(model: Any, tokenizer: Any, images: Sequence[tuple[str, str, str]]) -> float:
     """Fraction of images whose most similar caption, among "a {colour} {shape}" for all 24 pairs, is their own."""
     pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     tokens = tokenizer([caption(*pair) for pair in pairs], padding=True, return_tensors="pt")
-    text = F.normalize(model.get_text_features(**tokens), dim=-1)
+    text = F.normalize(projected(model.get_text_features(**tokens)), dim=-1)
     pixels = pixel_values([path for path, _, _ in images])
-    image = torch.cat([model.get_image_features(pixel_values=chunk) for chunk in pixels.split(PIXEL_BATCH)])
+    image = torch.cat([projected(model.get_image_features(pixel_values=chunk)) for chunk in pixels.split(PIXEL_BATCH)])
     best = (F.normalize(image, dim=-1) @ text.T).argmax(dim=-1)
     truth = torch.tensor([pairs.index((colour, shape)) for _, colour, shape in images])
     return (best == truth).float().mean().item()
