@@ -184,3 +184,13 @@ def test_rank_scoring_names_the_kv_cache_as_this_transformers_prefers():
     from lavis_ademvl.models.scoring import kv_cache_argument
 
     assert kv_cache_argument(tiny_model().llm) == ("cache" if TRANSFORMERS_MAJOR >= 5 else "past_key_values")
+
+
+def test_a_checkpoints_backbone_record_is_the_same_on_either_stack():
+    """The record a checkpoint keeps of its frozen parts (tensor names and shapes, vocabulary) must not depend on the
+    stack, or a checkpoint trained on one would be refused on the other: 5.x names CLIP's tensors without 4.x's
+    `vision_model.`. These hashes were computed on transformers 4.55.4 and 5.25.0 alike (CI runs this on both)."""
+    record = tiny_model().backbone_identity()
+    assert record["llm"]["structure"] == "8b70142c8b8a9623df1aeecca64893cecbded49665b5eb925d01863886a7fd25"
+    assert record["vision"]["structure"] == "24d4c459c2772347fb005dcfa3eccdfaf9d80efbf4d5dc049364dfd639d55c2d"
+    assert record["tokenizer"]["vocabulary"] == "69dba20525a2aaea2cba5fe968b2f9f8475a0f9053a1fa8cf8324cfc9cb06a43"

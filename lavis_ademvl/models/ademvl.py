@@ -48,7 +48,7 @@ from lavis_ademvl.models.towers import (
     meta_towers,
     model_device,
 )
-from lavis_ademvl.models.vision_towers import adapter_points, patch_grid, vision_features
+from lavis_ademvl.models.vision_towers import adapter_points, family_of, patch_grid, vision_features
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models" / "ademvl"
 
@@ -262,7 +262,10 @@ class AdemVL(RankScoringMixin, BaseModel):
             config = self.config
             sources = {"llm": config.llm_model, "vision": config.vision_model,
                        "tokenizer": config.tokenizer or config.llm_model}
-            self._backbones = backbone_identity(self.llm, self.vision_tower, self.tokenizer, sources)
+            # The tower's core: its tensor names are the same on transformers 4.x (there under `vision_model.`) and 5.x,
+            # so a checkpoint trained on one stack loads on the other.
+            vision = None if self.vision_tower is None else family_of(self.vision_tower).core_of(self.vision_tower)
+            self._backbones = backbone_identity(self.llm, vision, self.tokenizer, sources)
         return self._backbones
 
     def check_trained_like_this(self, checkpoint: dict, source: str) -> None:
