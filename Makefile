@@ -3,6 +3,8 @@
 # make test-fast: the tests not marked slow (no training run, subprocess or asset build): the edit-run loop.
 # make lint:    install if needed, then check the code with ruff (rules in pyproject.toml).
 # make demo:    install if needed, then train and evaluate ADEM-VL and a text-only baseline offline on CPU.
+# make install-lmms-eval: install if needed, then lmms-eval and what its core and three tasks import
+#               (requirements-lmms-eval.txt, with --no-deps: docs/lmms_eval.md), so `lmms-eval --model ademvl` runs.
 # make gpu-check: the GPU correctness checks on one CUDA GPU, under 10 minutes (benchmarks/gpu_check.py). It installs
 #               nothing (a GPU machine may have no network): it needs $(VENV) installed. Without a GPU: the CPU part.
 VENV ?= .venv
@@ -12,8 +14,9 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lavis-ademvl-installed
+LMMS_STAMP := $(VENV)/.lmms-eval-installed
 
-.PHONY: install test test-fast lint demo gpu-check clean
+.PHONY: install install-lmms-eval test test-fast lint demo gpu-check clean
 
 install: $(STAMP)
 
@@ -27,6 +30,15 @@ $(STAMP): setup.cfg setup.py pyproject.toml $(CONSTRAINTS) lavis_ademvl_discover
 	# LAVIS finds the plugin with no import of it (lavis_ademvl_discovery.pth, installed by setup.py).
 	LAVIS_ADEMVL_DISCOVERY=1 $(PY) -c "import lavis; from lavis.common.registry import registry; assert registry.get_model_class('ademvl'), 'import lavis did not register ademvl'"
 	touch $(STAMP)
+
+# lmms-eval's own requirements conflict with LAVIS's and ours (docs/lmms_eval.md): its pinned set, without resolving,
+# each version checked to leave every package of $(CONSTRAINTS) as it is.
+install-lmms-eval: $(LMMS_STAMP)
+
+$(LMMS_STAMP): $(STAMP) requirements-lmms-eval.txt
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) -r requirements-lmms-eval.txt
+	HF_HUB_OFFLINE=1 $(PY) -c "from lmms_eval.models import get_model_manifest; import lmms_eval.evaluator; assert get_model_manifest('ademvl')"
+	touch $(LMMS_STAMP)
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
