@@ -302,3 +302,13 @@ save_result([{{"question_id": n, "answer": "x" * 64}} for n in range(200)], {str
     assert (tmp_path / "test_epoch0.json").read_text() == "[]"
     save_result([{"question_id": 1}, {"question_id": 1}, {"question_id": 2}], str(tmp_path), "test_epoch0", "question_id")
     assert json.loads((tmp_path / "test_epoch0.json").read_text()) == [{"question_id": 1}, {"question_id": 2}]
+
+
+def test_the_backbone_fingerprint_samples_inside_a_tensor_of_any_size():
+    """SmolLM2's embedding has 49,152 x 576 = 28,311,552 elements: float32 positions rounded past its end."""
+    from lavis_ademvl.models.backbones import VALUES_PER_TENSOR, value_sample
+
+    tensor = torch.arange(49_152 * 576) % 1000  # element i holds i % 1000: exact in float32
+    assert VALUES_PER_TENSOR == 4
+    assert value_sample(tensor) == [0.0, 183.0, 367.0, 551.0]  # elements 0, 9,437,183, 18,874,367, 28,311,551
+    assert value_sample(torch.tensor([7.0])) == [7.0]

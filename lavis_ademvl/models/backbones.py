@@ -67,7 +67,9 @@ def tower_identity(tower: nn.Module, source: str | None) -> dict[str, Any]:
 def value_sample(tensor: torch.Tensor) -> list[float]:
     """VALUES_PER_TENSOR values spread evenly over the tensor's elements, as float32 on the host."""
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(VALUES_PER_TENSOR, flat.numel())).round().long()
+    count = min(VALUES_PER_TENSOR, flat.numel())
+    # integer steps: float32 positions round past the last element of a tensor over 2**24 elements (an embedding)
+    index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
     return flat[index.to(flat.device)].float().cpu().tolist()
 
 
