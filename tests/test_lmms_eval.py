@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import contextlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def evaluated(model, task_folder: Path, tasks: list[str]) -> dict:
     from lmms_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(task_folder), include_defaults=False, model_name="ademvl")
-    results = simple_evaluate(model=model, tasks=tasks, task_manager=manager, log_samples=True, batch_size=model.batch_size)
+    with contextlib.chdir(task_folder):  # MMBench's aggregation writes a submissions/ folder into the working folder
+        results = simple_evaluate(model=model, tasks=tasks, task_manager=manager, log_samples=True,
+                                  batch_size=model.batch_size)
     assert results is not None
     return results
 
