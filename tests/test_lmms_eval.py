@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import configparser
 import contextlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from cli import REPO, TINY_SQA
 from PIL import Image
 
 from lavis_ademvl.inference import Question, answer, load_for_inference, question_batch
+from lavis_ademvl.integrations.lmms_eval_data import SCIENCEQA_STOCK_YAML, scienceqa_features, write_task
 
 # The tests that import lmms-eval (this module itself imports none of it): the slow lane.
 needs_lmms_eval = pytest.mark.slow
@@ -83,14 +85,8 @@ def mmbench_rows() -> list[dict]:
     return rows
 
 
-def stock_yaml(*parts: str) -> Path:
-    import lmms_eval.tasks
-
-    return Path(lmms_eval.tasks.__file__).parent.joinpath(*parts)
-
-
 LOCAL_TASKS = {  # our task name: (stock yaml, rows, dataset config name of the hub, split)
-    "sqa_img_local": (("scienceqa", "scienceqa_img.yaml"), scienceqa_rows, "test"),
+    "sqa_img_local": (SCIENCEQA_STOCK_YAML, scienceqa_rows, "test"),
     "mme_local": (("mme", "mme.yaml"), mme_rows, "test"),
     "mmbench_en_dev_local": (("mmbench", "mmbench_en_dev_static.yaml"), mmbench_rows, "dev"),
 }
@@ -98,26 +94,11 @@ LOCAL_TASKS = {  # our task name: (stock yaml, rows, dataset config name of the 
 
 @pytest.fixture(scope="module")
 def task_folder(tmp_path_factory) -> Path:
-    """Each task's DatasetDict saved with save_to_disk, and a yaml that includes the stock one under a new name."""
-    import datasets
-
+    """Each task's DatasetDict saved with save_to_disk, and a yaml that includes the stock one under a new name
+    (lavis_ademvl.integrations.lmms_eval_data.write_task, as the documented ScienceQA converter writes them)."""
     folder = tmp_path_factory.mktemp("lmms_tasks")
     for name, (stock, rows, split) in LOCAL_TASKS.items():
-        table = rows()
-        features = None
-        if name == "sqa_img_local":
-            features = datasets.Features({
-                "image": datasets.Image(), "question": datasets.Value("string"),
-                "choices": datasets.Sequence(datasets.Value("string")), "answer": datasets.Value("int8"),
-                **{key: datasets.Value("string") for key in ("hint", "task", "grade", "subject", "topic", "category",
-                                                             "skill", "lecture", "solution")},
-            })
-        data = datasets.Dataset.from_list(table, features=features)
-        datasets.DatasetDict({split: data}).save_to_disk(str(folder / "data" / name))
-        (folder / f"{name}.yaml").write_text(
-            f"include: {stock_yaml(*stock)}\ntask: {name}\ndataset_path: {folder / 'data' / name}\n"
-            "dataset_kwargs:\n  load_from_disk: true\n"
-        )
+        write_task(folder, name, stock, rows, split, scienceqa_features() if name == "sqa_img_local" else None)
     return folder
 
 
@@ -238,6 +219,44 @@ def test_the_entry_point_is_declared_and_imports_nothing():
     tree = ast.parse((REPO / "lavis_ademvl_lmms_eval.py").read_text())
     imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert [getattr(node, "module", None) for node in imports] == ["__future__"]
+
+
+@needs_lmms_eval
+def test_scienceqa_layout_is_written_as_the_scienceqa_img_schema(tmp_path):
+    """The documented converter (python -m lavis_ademvl.integrations.lmms_eval_data): ScienceQA's official layout
+    (problems.json, pid_splits.json, images/<split>/<pid>/image.png) -> lmms-lab/ScienceQA's features, split test,
+    the questions with an image only (ScienceQA-IMG) unless --all-questions; a yaml including the stock task."""
+    import datasets
+
+    from lavis_ademvl.integrations.lmms_eval_data import main, stock_yaml
+
+    rows, root = scienceqa_rows(), tmp_path / "sqa"
+    problems = {}
+    for n, row in enumerate(rows):
+        pid = str(100 + n)
+        problems[pid] = {**{k: v for k, v in row.items() if k != "image"}, "split": "test",
+                         "image": "image.png" if row["image"] is not None else None}
+        if row["image"] is not None:
+            (root / "images" / "test" / pid).mkdir(parents=True)
+            row["image"].save(root / "images" / "test" / pid / "image.png")
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps({"train": [], "test": list(problems)}))
+
+    for extra, kept in (([], [row for row in rows if row["image"] is not None]), (["--all-questions"], rows)):
+        out = tmp_path / f"tasks{len(extra)}"
+        assert main(["--scienceqa-root", str(root), "--output", str(out), "--task", "sqa_x", *extra]) == 0
+        assert (out / "sqa_x.yaml").read_text() == (
+            f"include: {stock_yaml('scienceqa', 'scienceqa_img.yaml')}\ntask: sqa_x\n"
+            f"dataset_path: {out.resolve() / 'data' / 'sqa_x'}\ndataset_kwargs:\n  load_from_disk: true\n")
+        data = datasets.load_from_disk(str(out / "data" / "sqa_x"))
+        assert list(data) == ["test"] and data["test"].features == scienceqa_features()
+        assert len(data["test"]) == len(kept)
+        for got, want in zip(data["test"], kept):
+            assert {k: v for k, v in got.items() if k != "image"} == {k: v for k, v in want.items() if k != "image"}
+            if want["image"] is None:
+                assert got["image"] is None
+            else:
+                assert np.array_equal(np.asarray(got["image"].convert("RGB")), np.asarray(want["image"]))
 
 
 @needs_lmms_eval
