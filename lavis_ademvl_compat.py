@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -94,8 +94,8 @@ def _restore(owner: object, name: str, value: object, where: str) -> None:
         RESTORED.append(f"{where}.{name}")
 
 
-def _init_weights_or_post_init(original):  # noqa: ANN001, ANN202 (a method wrapper)
-    def init_weights(self) -> None:  # noqa: ANN001
+def _init_weights_or_post_init(original: Callable[[torch.nn.Module], None]) -> Callable[[torch.nn.Module], None]:
+    def init_weights(self: torch.nn.Module) -> None:
         if not hasattr(self, "all_tied_weights_keys"):  # post_init has not run: 4.x code calling init_weights itself
             self.post_init()
             return
