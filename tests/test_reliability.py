@@ -379,6 +379,9 @@ def test_model_options_that_would_build_a_broken_model_are_named(overrides, mess
         ("amp", "yes", "run.amp='yes' must be true or false"),
         ("valid_splits", "val", r"run.valid_splits='val' must be a list of split names"),
         ("dist_timeout_minutes", 0, "run.dist_timeout_minutes=0.0 must be at least 0.1"),
+        ("max_grad_norm", 0, r"run.max_grad_norm=0 must be positive \(null: no clipping\)"),
+        ("max_grad_norm", -1.0, r"run.max_grad_norm=-1.0 must be positive"),
+        ("max_grad_norm", "inf", "run.max_grad_norm='inf' must be a finite number"),
     ],
 )
 def test_run_values_out_of_range_are_named(key, value, message):

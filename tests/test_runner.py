@@ -103,6 +103,39 @@ def test_per_iteration_warmup_cosine():
     assert registry.get_lr_scheduler_class("linear_warmup_cosine_iter_lr") is LinearWarmupCosineIterLRScheduler
 
 
+def clipped(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """torch.nn.utils.clip_grad_norm_, restated: scaled by max_norm / (total 2-norm + 1e-6) when that is below 1."""
+    total = math.sqrt(sum(float((grad.double() ** 2).sum()) for grad in grads))
+    return [grad * min(1.0, max_norm / (total + 1e-6)) for grad in grads]
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_max_grad_norm_clips_the_true_gradients_of_the_trainable_parameters(loss_scale):
+    """run.max_grad_norm: an SGD step (lr 1) moves each trainable parameter by minus its clipped gradient, clipped
+    after unscaling when a loss scaler is used; frozen parameters and the unclipped step are untouched."""
+    from lavis_ademvl.runners.runner_ademvl import optimizer_update
+
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    x = torch.randn(8, 3)
+    for max_norm in (0.5, 1e6, None):  # clipped, below the limit, no clipping
+        start = [weight.detach().clone(), bias.detach().clone()]
+        optimizer = torch.optim.SGD([weight, bias], lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale) if loss_scale else None
+        loss = ((x + frozen) @ weight.T + bias).pow(2).sum()
+        grads = torch.autograd.grad(loss, [weight, bias], retain_graph=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        optimizer_update(optimizer, scaler, max_norm)
+        expected = grads if max_norm is None else clipped(list(grads), max_norm)
+        for param, before, grad in zip([weight, bias], start, expected):
+            torch.testing.assert_close(before - param.detach(), grad, rtol=1e-5, atol=1e-6)
+            assert param.grad is None
+        step_norm = math.sqrt(sum(float(((b - p.detach()) ** 2).sum()) for p, b in zip([weight, bias], start)))
+        assert step_norm == pytest.approx(0.5, rel=1e-5) if max_norm == 0.5 else step_norm > 10
+    assert frozen.grad is None
+
+
 def test_registration_and_reimport():
     import lavis_ademvl.models.ademvl as ademvl_module
 

@@ -5,6 +5,7 @@ Differences from LAVIS 1.0.2's `runner_base` (each fixes a problem of that relea
 - `run.device: auto` means CUDA when available, also when LAVIS's own train.py starts the run;
 - no CUDA streams, `.cuda()` calls or barriers unless CUDA / a process group is in use;
 - gradient accumulation divides the loss and skips DDP's all-reduce between optimizer steps;
+- `run.max_grad_norm` clips the gradients of the trainable parameters (after unscaling), which LAVIS's runner cannot;
 - the lr scheduler learns the number of iterations per epoch (for per-iteration schedules);
 - the data order and random state depend only on (seed, rank, epoch), and every epoch writes
   `checkpoint_latest.pth`, so a resumed run continues exactly where the interrupted one stopped;
@@ -289,12 +290,7 @@ class RunnerAdemVL(RunnerBase):
                 # weights take them.
                 losses = torch.stack(pending).float().tolist()
                 check_finite_losses(losses, epoch, step + 1 - len(losses), iters)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_update(optimizer, scaler, self.config.run_cfg.get("max_grad_norm"))
                 if "loss" not in metric_logger.meters:  # added at the first update: an empty meter cannot print
                     metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
                 for value in losses:
@@ -517,6 +513,25 @@ def check_finite_losses(losses: list[float], epoch: int, first_step: int, iters:
                 f"the training loss is {value} at epoch {epoch}, iteration {step} of {iters}; the run stops before the "
                 f"weights take it (the checkpoints written so far are kept). Lower run.init_lr, or check the data."
             )
+
+
+def optimizer_update(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, max_grad_norm: float | None
+) -> None:
+    """One optimizer step on the accumulated gradients, which are then cleared. With `max_grad_norm` (run key), the
+    gradients of the trainable (optimized) parameters are first scaled down to that total 2-norm when above it,
+    after unscaling when a loss scaler is used, so the limit holds for the true gradients."""
+    if max_grad_norm is not None:
+        if scaler:
+            scaler.unscale_(optimizer)  # scaler.step then steps without unscaling again (or skips on inf/NaN)
+        params = [param for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def needs_loss_scaling(device: torch.device, dtype: torch.dtype, amp: bool) -> bool:
