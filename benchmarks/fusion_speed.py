@@ -1,34 +1,52 @@
-"""Cost of ADEM-VL's fusion next to the bare LLM and LLaVA-style input fusion, measured side by side in one process.
+"""Cost of ADEM-VL's fusion next to the bare LLM and LLaVA-style input fusion, measured side by side, with spreads.
 
-  python -m benchmarks.fusion_speed [--shape smollm2|llama7b|tiny] [--repeats 5] [--out benchmarks/results]
+  python -m benchmarks.fusion_speed [--shape smollm2|llama7b|tiny] [--dtypes float32,bfloat16] [--threads 2]
+      [--repeats 7 --max-repeats 20 --target-spread 0.02] [--variants llm,none,adem,prefix]
+      [--compare REV [--python PYTHON]] [--out benchmarks/results]
 
 Variants share one frozen LLM (random weights of the shape): `llm` (no fusion at all: forward, and backward to the
 input embeddings; the physical limit), `none` (ADEM-VL's learned memory without vision), `adem`, and `prefix`
-(every CLIP token projected and prepended, 257 at ViT-L/14 shape). Steps are timed interleaved after a warm-up:
-a training step (forward + backward to the trainable parameters) and greedy generation of 32 tokens with the KV
-cache. Memory is the bytes autograd saves for backward in one training step (CPU) or the step's peak allocation
-above the resident weights (CUDA).
-Each sample holds `text_tokens` tokens of text (prompt and answer; `adem` adds its "Image: " prefix and [cls] slot)
-under a BPE tokenizer trained on that text, so words and the prefix take as many tokens as under SmolLM2's.
-Writes JSON and a markdown table; nothing is asserted.
+(every CLIP token projected and prepended, 257 at ViT-L/14 shape). Each is timed on a training step (forward +
+backward to the trainable parameters) and on greedy generation of 32 tokens with the KV cache, once per arithmetic
+path (--dtypes: float32, or the frozen towers in bfloat16 under autocast). After a warm-up, every repeat times each
+step once, in an order rotated from repeat to repeat; each ratio is computed within a repeat and reported with its
+median, quartiles, range and the 95% confidence interval of the median (benchmarks/spread.py). Repeats are added,
+up to --max-repeats, until every ratio's interval is within +-target (the output says when it is not). Threads are
+pinned (--threads). With --compare REV, this checkout's model code and REV's each run in their own process, timed
+alternately, so a ratio between the two commits comes with its spread too (benchmarks/trees.py).
+Memory is the bytes autograd saves for backward in one training step (CPU) or the step's peak allocation above the
+resident weights (CUDA); it and the analytic FLOPs are deterministic. Each sample holds `text_tokens` tokens of
+text (prompt and answer; `adem` adds its "Image: " prefix and [cls] slot) under a BPE tokenizer trained on that
+text, so words and the prefix take as many tokens as under SmolLM2's. The JSON records the machine (CPU kind and its
+bfloat16 support, threads, versions, git revision). Writes JSON and a markdown table; nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
-import platform
-import statistics
+import os
+import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import lavis_ademvl
+from benchmarks.machine import arithmetic_path, cpu_kind, describe, git_revision, machine
+from benchmarks.spread import per_repeat_ratio, spread, within
+from benchmarks.trees import CHECKOUT, WorkerSession, copy_driver, export_revision
 from lavis_ademvl.models.ademvl import AdemVL, answer_loss
 from lavis_ademvl.models.config import AdemVLConfig
+from lavis_ademvl.models.processing import EncodedBatch
 
 
 @dataclass
@@ -59,6 +77,10 @@ SHAPES = {
                        patch_size=2),
                   2, 32, [256, 64], torch.float32),
 }
+
+FUSIONS = ("none", "adem", "prefix")
+VARIANTS = ("llm", *FUSIONS)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Benchmark text: a prompt of whole words and an answer, as a real tokenizer would split them.
 FILLER = "The quick brown fox jumps over the lazy dog. "
@@ -91,14 +113,15 @@ def random_tower(build: Callable[[], torch.nn.Module], dtype: torch.dtype, devic
         torch.set_default_dtype(default_dtype)
 
 
-def build_variants(shape: Shape, device: torch.device) -> tuple[LlamaForCausalLM, dict[str, AdemVL]]:
+def build_variants(shape: Shape, device: torch.device, fusions: Sequence[str] = FUSIONS
+                   ) -> tuple[LlamaForCausalLM, dict[str, AdemVL]]:
     torch.manual_seed(0)
     tokenizer = word_tokenizer()
     llm_config = LlamaConfig(**shape.llm, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id)
     llm = random_tower(lambda: LlamaForCausalLM(llm_config), shape.dtype, device)
     variants = {}
-    for fusion in ("none", "adem", "prefix"):
+    for fusion in fusions:
         # One tower per variant: a tower's adapters are attached to it for good.
         tower = (random_tower(lambda: CLIPVisionModel(CLIPVisionConfig(**shape.vision)), shape.dtype, device)
                  if fusion != "none" else None)
@@ -121,11 +144,20 @@ def make_batch(shape: Shape, tokenizer: PreTrainedTokenizerFast, device: torch.d
     }
 
 
+def labelled_columns(encoded: EncodedBatch) -> int:
+    """How many of the last columns hold a label in some row. A batch knows it on the host today; at 11b3933 (a
+    --compare baseline) it did not, and this counts it from the labels as that revision's model did."""
+    if hasattr(encoded, "labelled_columns"):
+        return encoded.labelled_columns
+    columns = (encoded.labels != -100).any(dim=0).nonzero()
+    return encoded.labels.shape[1] - int(columns[0]) if len(columns) else 0
+
+
 def llm_step(llm: LlamaForCausalLM, variant: AdemVL, batch: dict) -> Callable[[], None]:
     """The limit: the same tokens through the bare LLM, backward to the input embeddings; like the model, it
     projects to the vocabulary only the positions that predict a label."""
     encoded = variant.encode_batch(batch, with_answer=True)
-    keep = encoded.labelled_columns + 1
+    keep = labelled_columns(encoded) + 1
 
     def step() -> None:
         embeds = llm.get_input_embeddings()(encoded.input_ids).detach().requires_grad_(True)
@@ -217,95 +249,372 @@ def analytic_train_ratio(shape: Shape, context: int) -> float:
     return 1 + fusion / llm
 
 
-def summarize(samples: list[float]) -> dict:
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples), "repeats": len(samples)}
+@dataclass
+class RunConfig:
+    """What one benchmark process builds (JSON: the driver hands it to a --compare worker as is)."""
+    shape: str
+    dtypes: list[str]
+    variants: list[str]
+    new_tokens: int
+    warmup: int
+    threads: int
 
 
-def run(shape_name: str, repeats: int, new_tokens: int, device: torch.device) -> dict:
-    shape = SHAPES[shape_name]
-    llm, variants = build_variants(shape, device)
-    batch = make_batch(shape, variants["adem"].tokenizer, device)
-    steps = {"llm": llm_step(llm, variants["adem"], batch), **{name: train_step(m, batch) for name, m in variants.items()}}
-    sequence_tokens = {name: m.encode_batch(batch, with_answer=True).input_ids.shape[1] for name, m in variants.items()}
+@dataclass
+class Plan:
+    """How many repeats: at least `repeats`, then more, up to `max_repeats`, until every ratio's 95% interval of the
+    median is within +-target (0: exactly `repeats`)."""
+    repeats: int
+    max_repeats: int
+    target: float
 
-    def generate(model: AdemVL) -> Callable[[], None]:
-        samples = {key: value for key, value in batch.items() if key != "text_output"}
+    def settled(self, ratios: dict[str, list[float]]) -> bool:
+        return not self.target or all(within(spread(values), self.target) for values in ratios.values())
 
-        def step() -> None:
-            model.eval()
-            model.generate(samples, num_beams=1, max_length=new_tokens, min_length=new_tokens)
-            model.train()
 
-        return step
+class Session(Protocol):
+    """Times one step by key ("float32 train adem") on one tree; `info` is what does not vary between repeats."""
+    label: str
+    keys: list[str]
+    info: dict
 
-    generations = {name: generate(m) for name, m in variants.items()}
-    for step in [*steps.values(), *generations.values()]:  # warm-up
-        step()
-    train_times = {name: [] for name in steps}
-    generate_times = {name: [] for name in generations}
-    for _ in range(repeats):  # interleaved, so drift hits every variant alike
-        for name, step in steps.items():
-            train_times[name].append(timed(step, device))
-        for name, step in generations.items():
-            generate_times[name].append(timed(step, device))
-    models = {"llm": variants["adem"], **variants}  # whose weights are not activation memory
-    memory = {name: peak_cuda_bytes(step) if device.type == "cuda" else saved_bytes(step, models[name])
-              for name, step in steps.items()}
+    def time(self, key: str) -> float: ...
+
+
+def device_of_run() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generation_step(model: AdemVL, batch: dict, new_tokens: int) -> Callable[[], None]:
+    samples = {key: value for key, value in batch.items() if key != "text_output"}
+
+    def step() -> None:
+        model.eval()
+        model.generate(samples, num_beams=1, max_length=new_tokens, min_length=new_tokens)
+        model.train()
+
+    return step
+
+
+def path_steps(shape: Shape, variants: Sequence[str], new_tokens: int, device: torch.device
+               ) -> tuple[dict[str, Callable[[], None]], dict]:
+    """One arithmetic path's steps by key ("train adem", "generate adem"; `llm` has no generation) and its
+    deterministic figures: tokens per sample and activation memory of each training step."""
+    llm, models = build_variants(shape, device, [fusion for fusion in FUSIONS if fusion in variants])
+    batch = make_batch(shape, models["adem"].tokenizer, device)
+    train = {"llm": llm_step(llm, models["adem"], batch)} if "llm" in variants else {}
+    train.update({name: train_step(model, batch) for name, model in models.items()})
+    owners = {"llm": models["adem"], **models}  # whose weights are not activation memory
+    facts = {
+        "sequence_tokens": {name: m.encode_batch(batch, with_answer=True).input_ids.shape[1] for name, m in models.items()},
+        "memory_bytes": {name: peak_cuda_bytes(step) if device.type == "cuda" else saved_bytes(step, owners[name])
+                         for name, step in train.items()},
+    }
+    steps = {f"train {name}": step for name, step in train.items()}
+    steps.update({f"generate {name}": generation_step(model, batch, new_tokens) for name, model in models.items()})
+    return steps, facts
+
+
+class LocalSession:
+    """Every arithmetic path's steps built in this process, warmed up, timed by key ("float32 train adem")."""
+
+    def __init__(self, label: str, config: RunConfig):
+        self.label = label
+        self.device = device_of_run()
+        torch.set_num_threads(config.threads)
+        cpu = cpu_kind()
+        self.steps: dict[str, Callable[[], None]] = {}
+        paths = {}
+        for dtype in config.dtypes:
+            shape = dataclasses.replace(SHAPES[config.shape], dtype=DTYPES[dtype])
+            steps, facts = path_steps(shape, config.variants, config.new_tokens, self.device)
+            self.steps.update({f"{dtype} {key}": step for key, step in steps.items()})
+            paths[dtype] = {"arithmetic": arithmetic_path(dtype, self.device, cpu), **facts}
+        for _ in range(config.warmup):  # one-time costs (allocator, kernel selection) stay out of the repeats
+            for step in self.steps.values():
+                step()
+        self.keys = list(self.steps)
+        self.info = {"machine": machine(), "lavis_ademvl": str(Path(lavis_ademvl.__file__).parent), "keys": self.keys,
+                     "paths": paths}
+
+    def time(self, key: str) -> float:
+        return timed(self.steps[key], self.device)
+
+
+def rotated(items: Sequence, by: int) -> list:
+    """`items` starting at index `by` (mod its length): which one runs first changes from repeat to repeat."""
+    by %= len(items)
+    return [*items[by:], *items[:by]]
+
+
+RatioSpec = tuple[tuple[str, str], tuple[str, str]]  # (session label, key) of the numerator and of the denominator
+
+
+def ratio_specs(labels: Sequence[str], dtypes: Sequence[str], variants: Sequence[str]) -> dict[str, RatioSpec]:
+    """Each timing ratio by name, as a quotient of two step times of one repeat. Step-time ratios (train) read
+    numerator/denominator; tokens/s ratios (generate) are the inverse quotient of times. Per tree and path: the
+    fusion against its references; per tree, each other path against the first; with two trees, each step of the
+    first tree against the second's."""
+    def train(label: str, dtype: str, a: str, b: str) -> RatioSpec:
+        return (label, f"{dtype} train {a}"), (label, f"{dtype} train {b}")
+
+    specs: dict[str, RatioSpec] = {}
+    for label in labels:
+        tree = f"{label} " if len(labels) > 1 else ""
+        for dtype in dtypes:
+            for other in ("llm", "none"):
+                if other in variants:
+                    specs[f"{tree}{dtype}: train adem/{other}"] = train(label, dtype, "adem", other)
+            if "prefix" in variants:
+                specs[f"{tree}{dtype}: train prefix/adem"] = train(label, dtype, "prefix", "adem")
+            if "none" in variants:
+                specs[f"{tree}{dtype}: generate tokens/s adem/none"] = ((label, f"{dtype} generate none"),
+                                                                         (label, f"{dtype} generate adem"))
+        for dtype in dtypes[1:]:
+            specs[f"{tree}{dtype}/{dtypes[0]}: train adem"] = ((label, f"{dtype} train adem"), (label, f"{dtypes[0]} train adem"))
+            specs[f"{tree}{dtype}/{dtypes[0]}: generate tokens/s adem"] = ((label, f"{dtypes[0]} generate adem"),
+                                                                          (label, f"{dtype} generate adem"))
+    if len(labels) == 2:
+        first, second = labels
+        for dtype in dtypes:
+            for variant in variants:
+                key = f"{dtype} train {variant}"
+                specs[f"{first}/{second} {dtype}: train {variant}"] = (first, key), (second, key)
+            for variant in (v for v in variants if v != "llm"):
+                key = f"{dtype} generate {variant}"
+                specs[f"{first}/{second} {dtype}: generate tokens/s {variant}"] = (second, key), (first, key)
+    return specs
+
+
+Samples = dict[str, dict[str, list[float]]]  # session label -> step key -> seconds, one per repeat
+
+
+def ratio_values(samples: Samples, specs: dict[str, RatioSpec]) -> dict[str, list[float]]:
+    return {name: per_repeat_ratio(samples[a][key_a], samples[b][key_b]) for name, ((a, key_a), (b, key_b)) in specs.items()}
+
+
+def measure(sessions: Sequence[Session], specs: dict[str, RatioSpec], plan: Plan) -> Samples:
+    """Repeats of every step on every session, interleaved: within a repeat each step runs on each session in turn
+    (one process at a time), and both orders rotate from repeat to repeat, so drift hits every timing alike."""
+    keys = sessions[0].keys
+    samples: Samples = {session.label: {key: [] for key in keys} for session in sessions}
+    for repeat in range(plan.max_repeats):
+        for key in rotated(keys, repeat):
+            for session in rotated(sessions, repeat):
+                samples[session.label][key].append(session.time(key))
+        if repeat + 1 >= plan.repeats and plan.settled(ratio_values(samples, specs)):
+            break
+    return samples
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set for the run and restored after it (a caller such as pytest keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def compared_sessions(rev: str, config: RunConfig, python: str) -> Iterator[list[WorkerSession]]:
+    """This checkout and `rev`, each in a worker process running this checkout's benchmark code, started one after
+    the other (building and warming up one at a time); the processes end with the block."""
+    with tempfile.TemporaryDirectory(prefix="fusion_speed_compare_") as temp:
+        folder = Path(temp)
+        commit = export_revision(rev, folder / "rev")
+        driver = copy_driver(folder / "driver")
+        trees = {"checkout": (CHECKOUT, git_revision(CHECKOUT)), rev: (folder / "rev", {"rev": commit, "dirty": False})}
+        sessions: list[WorkerSession] = []
+        try:
+            for label, (tree, revision) in trees.items():
+                session = WorkerSession(label, tree, driver, dataclasses.asdict(config), python, config.threads,
+                                        folder / f"worker{len(sessions)}.log")
+                session.info["revision"] = revision
+                sessions.append(session)
+            yield sessions
+        finally:
+            for session in sessions:
+                session.close()
+
+
+def variant_table(config: RunConfig, samples: dict[str, list[float]], dtype: str) -> dict:
+    """Per variant of one path: training step seconds and generation tokens/s, each median, quartiles and range."""
+    shape = SHAPES[config.shape]
+    tokens = shape.batch * config.new_tokens
+    train = {v: spread(samples[f"{dtype} train {v}"]) for v in config.variants}
+    generate = {}
+    for variant in (v for v in config.variants if v != "llm"):
+        seconds = spread(samples[f"{dtype} generate {variant}"])
+        # tokens/s falls as seconds rise: the quartiles and range swap ends.
+        generate[variant] = {"tokens_per_s": tokens / seconds["median"], "q1": tokens / seconds["q3"],
+                             "q3": tokens / seconds["q1"], "min": tokens / seconds["max"], "max": tokens / seconds["min"],
+                             "seconds": seconds}
+    return {"train_step_s": train, "generate": generate}
+
+
+def deterministic_ratios(label: str, info: dict, dtypes: Sequence[str]) -> dict[str, float]:
+    ratios = {}
+    for dtype in dtypes:
+        memory = info["paths"][dtype]["memory_bytes"]
+        for other in ("llm", "none"):
+            if other in memory:
+                ratios[f"{label}{dtype}: memory adem/{other}"] = memory["adem"] / memory[other]
+    return ratios
+
+
+def report(config: RunConfig, plan: Plan, sessions: Sequence[Session], samples: Samples,
+           specs: dict[str, RatioSpec]) -> dict:
+    shape = SHAPES[config.shape]
     num_patches = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
-    result = {
-        "shape": shape.name, "device": str(device), "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(), "batch": shape.batch, "text_tokens": shape.text_tokens,
+    ratios = {}
+    for name, values in ratio_values(samples, specs).items():
+        summary = spread(values)
+        ratios[name] = {**summary, "within_target": within(summary, plan.target) if plan.target else None}
+    trees = {}
+    deterministic: dict[str, float] = {}
+    for session in sessions:
+        tree = f"{session.label} " if len(sessions) > 1 else ""
+        paths = {dtype: {**session.info["paths"][dtype], **variant_table(config, samples[session.label], dtype)}
+                 for dtype in config.dtypes}
+        trees[session.label] = {"revision": session.info.get("revision") or git_revision(CHECKOUT),
+                                "lavis_ademvl": session.info["lavis_ademvl"], "machine": session.info["machine"],
+                                "paths": paths}
+        deterministic.update(deterministic_ratios(tree, session.info, config.dtypes))
+    if len(sessions) == 2:
+        (first, a), (second, b) = ((s.label, s.info["paths"]) for s in sessions)
+        for dtype in config.dtypes:
+            memory = a[dtype]["memory_bytes"]["adem"] / b[dtype]["memory_bytes"]["adem"]
+            deterministic[f"{first}/{second} {dtype}: memory adem"] = memory
+    sequence_adem = sessions[0].info["paths"][config.dtypes[0]]["sequence_tokens"]["adem"]
+    flops = {fusion: analytic_flops(shape, fusion, 256, num_patches) for fusion in FUSIONS}
+    deterministic["flops prefix/adem"] = flops["prefix"] / flops["adem"]
+    deterministic["flops train adem/llm (decoder floor)"] = analytic_train_ratio(shape, sequence_adem)
+    repeats = len(next(iter(next(iter(samples.values())).values())))
+    return {
+        "shape": shape.name, "device": str(device_of_run()), "machine": sessions[0].info["machine"],
+        "batch": shape.batch, "text_tokens": shape.text_tokens, "new_tokens": config.new_tokens,
         "visual_tokens_adem": sum(shape.down_sample_num), "visual_tokens_prefix": num_patches + 1,
-        "sequence_tokens": sequence_tokens,
-        "memory_kind": "peak CUDA allocation above the weights" if device.type == "cuda" else "autograd-saved activations",
-        "train_step": {name: summarize(t) for name, t in train_times.items()},
-        "generate": {name: {**summarize(t), "tokens_per_s": shape.batch * new_tokens / statistics.median(t)}
-                     for name, t in generate_times.items()},
-        "memory_bytes": memory,
-        "flops_one_token_at_256": {f: analytic_flops(shape, f, 256, num_patches) for f in ("none", "adem", "prefix")},
+        "dtypes": config.dtypes, "variants": config.variants, "threads": config.threads, "warmup": config.warmup,
+        "repeats": repeats, "plan": dataclasses.asdict(plan),
+        "target_reached": all(r["within_target"] for r in ratios.values()) if plan.target else None,
+        "memory_kind": ("peak CUDA allocation above the weights" if device_of_run().type == "cuda"
+                        else "autograd-saved activations"),
+        "trees": trees, "ratios": ratios, "deterministic": deterministic,
+        "flops_one_token_at_256": flops, "samples_s": samples,
     }
-    train = {name: r["median_s"] for name, r in result["train_step"].items()}
-    tokens = {name: r["tokens_per_s"] for name, r in result["generate"].items()}
-    result["ratios"] = {
-        "train adem/llm": train["adem"] / train["llm"], "train adem/none": train["adem"] / train["none"],
-        "train prefix/adem": train["prefix"] / train["adem"],
-        "generate tokens/s adem/none": tokens["adem"] / tokens["none"],
-        "memory adem/llm": memory["adem"] / memory["llm"], "memory adem/none": memory["adem"] / memory["none"],
-        "flops prefix/adem": result["flops_one_token_at_256"]["prefix"] / result["flops_one_token_at_256"]["adem"],
-        "flops train adem/llm (decoder floor)": analytic_train_ratio(shape, sequence_tokens["adem"]),
-    }
-    return result
 
 
 def markdown(result: dict) -> str:
+    plan = result["plan"]
+    target = (f"target +-{plan['target']:.1%} on each ratio's 95% interval of the median: "
+              f"{'reached' if result['target_reached'] else 'NOT reached for the ratios marked no'}" if plan["target"]
+              else "no target")
     lines = [f"### {result['shape']} on {result['device']} (batch {result['batch']}, {result['text_tokens']} text tokens, "
-             f"{result['torch_threads']} threads)", "",
-             "| variant | train step median (min-max) s | generate tokens/s | memory MB | FLOPs, 1 token at T=256 |",
-             "|---|---|---|---|---|"]
-    for name in ("llm", "none", "adem", "prefix"):
-        step = result["train_step"][name]
-        tokens = result["generate"].get(name, {}).get("tokens_per_s")
-        flops = result["flops_one_token_at_256"].get(name)
-        lines.append(f"| {name} | {step['median_s']:.3f} ({step['min_s']:.3f}-{step['max_s']:.3f}) | "
-                     f"{'-' if tokens is None else f'{tokens:.1f}'} | {result['memory_bytes'][name] / 2**20:.0f} | "
-                     f"{'-' if flops is None else f'{flops / 1e12:.3f}T'} |")
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+             f"{result['new_tokens']} new tokens)", "",
+             f"Machine: {describe(result['machine'])}. {result['repeats']} repeats after {result['warmup']} warm-up, "
+             f"steps interleaved in a rotated order; {target}."]
+    for label, tree in result["trees"].items():
+        revision = tree["revision"]
+        lines.append(f"Tree `{label}`: {(revision['rev'] or 'unknown')[:12]}{' with local changes' if revision['dirty'] else ''}")
+    for label, tree in result["trees"].items():
+        for path in tree["paths"].values():
+            heading = f"{label}, {path['arithmetic']}" if len(result["trees"]) > 1 else path["arithmetic"]
+            lines += ["", f"#### {heading}", "", "| variant | train step s median (min-max) | generate tokens/s median (min-max) "
+                      "| memory MB | FLOPs, 1 token at T=256 |", "|---|---|---|---|---|"]
+            for variant in result["variants"]:
+                step = path["train_step_s"][variant]
+                tokens = path["generate"].get(variant)
+                generated = "-" if tokens is None else f"{tokens['tokens_per_s']:.1f} ({tokens['min']:.1f}-{tokens['max']:.1f})"
+                flops = result["flops_one_token_at_256"].get(variant)
+                lines.append(f"| {variant} | {step['median']:.3f} ({step['min']:.3f}-{step['max']:.3f}) | {generated} | "
+                             f"{path['memory_bytes'][variant] / 2**20:.0f} | "
+                             f"{'-' if flops is None else f'{flops / 1e12:.3f}T'} |")
+    lines += ["", "| ratio, per repeat | median | IQR | min-max | 95% interval of the median | +- | within target |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in result["ratios"].items():
+        interval = f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}" if r["ci95"] else "too few repeats"
+        half = f"{r['half_width']:.1%}" if r["half_width"] is not None else "-"
+        reached = {True: "yes", False: "no", None: "-"}[r["within_target"]]
+        lines.append(f"| {name} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | {r['min']:.3f}-{r['max']:.3f} | "
+                     f"{interval} | {half} | {reached} |")
+    lines += ["", "| deterministic | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in result["deterministic"].items()]
     lines.append(f"\nmemory: {result['memory_kind']}")
     return "\n".join(lines)
+
+
+def serve(config: RunConfig) -> None:
+    """--worker: build and warm up, reply with the session's record, then time one step per line of stdin. Replies
+    go to the original stdout alone; anything else this process prints goes to stderr (the driver's log)."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    session = LocalSession("worker", config)
+    print(json.dumps({"ready": session.info}), file=replies)
+    for line in sys.stdin:
+        print(json.dumps({"seconds": session.time(line.strip())}), file=replies)
+
+
+def listed(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated list of some of `choices`, in the order given."""
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fusion_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: llama7b on CUDA, else smollm2")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", type=listed(list(DTYPES)), default=None,
+                        help="arithmetic paths, e.g. float32,bfloat16 (bfloat16: the frozen towers in bfloat16 under "
+                             "autocast); default: the shape's own (float32 on CPU, bfloat16 for llama7b)")
+    parser.add_argument("--variants", type=listed(VARIANTS), default=list(VARIANTS),
+                        help="which variants to time (adem always: every ratio is against it)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads, pinned (workers also get OMP_NUM_THREADS and MKL_NUM_THREADS); default: %(default)s")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats at least (6 or more give a 95%% interval)")
+    parser.add_argument("--max-repeats", type=int, default=20, help="repeats at most while a ratio misses the target")
+    parser.add_argument("--target-spread", type=float, default=0.02,
+                        help="relative half-width of each ratio's 95%% interval of the median to reach; 0: none")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of every step before the repeats")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--compare", metavar="REV", help="also time the model code of commit REV, interleaved with "
+                                                         "this checkout's, each in its own process")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter of the --compare processes (a revision before transformers 5 support, such as "
+                             "11b3933, needs the transformers 4 stack's: .venv-transformers4/bin/python)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # a --compare process: its RunConfig as JSON
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.worker:
+        serve(RunConfig(**json.loads(args.worker)))
+        return 0
+    if "adem" not in args.variants:
+        parser.error("--variants must include adem: every ratio is against it")
+    device = device_of_run()
     shape = args.shape or ("llama7b" if device.type == "cuda" else "smollm2")
-    result = run(shape, args.repeats, args.new_tokens, device)
+    dtypes = args.dtypes or [next(name for name, dtype in DTYPES.items() if dtype == SHAPES[shape].dtype)]
+    config = RunConfig(shape, dtypes, [v for v in VARIANTS if v in args.variants], args.new_tokens, args.warmup, args.threads)
+    plan = Plan(args.repeats, max(args.repeats, args.max_repeats), args.target_spread)
+    with contextlib.ExitStack() as stack:
+        if args.compare:
+            # The processes start in a temporary folder: a relative interpreter path is made absolute first.
+            python = os.path.abspath(args.python) if os.sep in args.python else args.python
+            sessions: list[Session] = stack.enter_context(compared_sessions(args.compare, config, python))
+        else:
+            stack.enter_context(pinned_threads(args.threads))
+            sessions = [LocalSession("checkout", config)]
+        specs = ratio_specs([s.label for s in sessions], config.dtypes, config.variants)
+        samples = measure(sessions, specs, plan)
+        result = report(config, plan, sessions, samples, specs)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fusion_speed_{shape}_{device.type}"
+    stem = f"fusion_speed_{shape}_{device.type}" + (f"_vs_{re.sub(r'[^A-Za-z0-9.-]', '_', args.compare)}" if args.compare else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (args.out / f"{stem}.md").write_text(table + "\n")
