@@ -63,6 +63,7 @@ def prepare(experiment: str | Path | DictConfig, options: Sequence[str] = (), ev
         built_checkpoint(cfg)
     init_distributed(run_cfg)
     set_model_device(cfg.model_cfg, run_cfg.device, run_cfg.gpu)
+    set_model_sharding(cfg.model_cfg, run_cfg)
     seed_everything(int(run_cfg.get("seed", 42)) + get_rank())
     cudnn.benchmark = False
     cudnn.deterministic = True
@@ -104,6 +105,22 @@ def set_model_device(model_cfg: DictConfig, device: str, gpu: int = 0) -> None:
     elif str(chosen).split(":")[0] != device:
         raise ValueError(f"model.device={chosen!r} but run.device is {device!r}: the model would be built for one "
                          f"device and run on the other; leave model.device unset")
+
+
+def set_model_sharding(model_cfg: DictConfig, run_cfg: DictConfig) -> None:
+    """Under torchrun with `run.distributed_strategy: fsdp`, an ADEM-VL model is built sharded (`model.frozen_sharding`,
+    `model.fsdp_shard_size`): its LLM is read shard by shard, never whole on one rank. Without a process group there is
+    nothing to shard over: the run is one process holding the whole model, as the log says."""
+    if model_cfg.get("arch") != "ademvl" or run_cfg.get("distributed_strategy", "ddp") != "fsdp":
+        if model_cfg.get("frozen_sharding") is not None:
+            raise ValueError(f"model.frozen_sharding={model_cfg.get('frozen_sharding')!r} is set by "
+                             "run.distributed_strategy=fsdp; set that instead")
+        return
+    if not run_cfg.distributed:
+        logging.info("run.distributed_strategy=fsdp in one process (no torchrun): the frozen towers stay whole")
+        return
+    model_cfg.frozen_sharding = "fsdp"
+    model_cfg.fsdp_shard_size = run_cfg.get("fsdp_shard_size")
 
 
 def warn_if_other_task(checkpoint_task: str | None, task: str | None, checkpoint: str | None) -> None:

@@ -24,7 +24,7 @@ RUN_KEYS = frozenset(
         "max_len", "min_len", "num_beams", "num_ans_candidates", "inference_method", "prompt", "report_metric",
         # runner_ademvl
         "warmup_epochs", "epochs_per_job", "caption_metrics", "caption_gt_files", "caption_pattern", "deterministic",
-        "dist_timeout_minutes", "allow_untrained", "max_grad_norm",
+        "dist_timeout_minutes", "allow_untrained", "distributed_strategy", "fsdp_shard_size", "max_grad_norm",
     }
 )
 # key: (type, minimum); None: any value of the type.
@@ -34,10 +34,13 @@ RUN_NUMBERS: dict[str, tuple[type, float | None]] = {
     "max_epoch": (int, 1), "warmup_epochs": (float, 0.0), "epochs_per_job": (int, 1),
     "batch_size_train": (int, 1), "batch_size_eval": (int, 1), "num_workers": (int, 0), "accum_grad_iters": (int, 1),
     "seed": (int, 0), "log_freq": (int, 1), "max_len": (int, 1), "min_len": (int, 0), "num_beams": (int, 1),
-    "num_ans_candidates": (int, 1), "dist_timeout_minutes": (float, 0.1), "max_grad_norm": (float, None),
+    "num_ans_candidates": (int, 1), "dist_timeout_minutes": (float, 0.1), "fsdp_shard_size": (int, 1),
+    "max_grad_norm": (float, None),
     "amp": (bool, None), "evaluate": (bool, None), "allow_untrained": (bool, None), "deterministic": (bool, None),
 }
 SPLIT_KEYS = ("train_splits", "valid_splits", "test_splits")
+# Under torchrun: `ddp`, every rank holds the whole frozen towers; `fsdp`, they are sharded over the ranks (FSDP2).
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 # Minutes a rank waits for the others in a collective before the run ends (`run.dist_timeout_minutes`): a hung CPU
 # (gloo) rank should not block the others for LAVIS's hour; on GPUs (nccl) LAVIS's 60 stays the default.
 DEFAULT_DIST_TIMEOUT_MINUTES = {"gloo": 10.0, "nccl": 60.0}
@@ -54,6 +57,12 @@ def check_run_config(run_cfg: Any, known_keys: bool = False) -> None:
     max_grad_norm = run_cfg.get("max_grad_norm")
     if max_grad_norm is not None and max_grad_norm <= 0:  # 0 would zero every update
         raise ValueError(f"run.max_grad_norm={max_grad_norm} must be positive (null: no clipping)")
+    strategy = run_cfg.get("distributed_strategy")
+    if strategy is not None and strategy not in DISTRIBUTED_STRATEGIES:
+        raise ValueError(f"run.distributed_strategy={strategy!r}: choose one of {list(DISTRIBUTED_STRATEGIES)}")
+    if run_cfg.get("fsdp_shard_size") is not None and strategy != "fsdp":
+        raise ValueError(f"run.fsdp_shard_size={run_cfg.get('fsdp_shard_size')} is read only with "
+                         "run.distributed_strategy=fsdp")
     if "output_dir" in run_cfg:  # None or "" would crash in the runner, or put the job folders in the working directory
         output_dir = run_cfg.get("output_dir")
         if not isinstance(output_dir, str) or not output_dir.strip():

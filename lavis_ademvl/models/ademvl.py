@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lavis.models.base_model import BaseModel
 from omegaconf import DictConfig
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lavis_ademvl.common.checkpoints import load_checkpoint_file, non_finite_keys
@@ -41,6 +42,7 @@ from lavis_ademvl.models.memory import VisualMemory, decoder_layers
 from lavis_ademvl.models.modules import LowRankProjection, VisionAdapters
 from lavis_ademvl.models.processing import EncodedBatch, PromptEncoder, VisualInputs, image_flags, last_columns
 from lavis_ademvl.models.scoring import RankScoringMixin
+from lavis_ademvl.models.sharding import frozen_mesh, is_sharded, shard_frozen_towers
 from lavis_ademvl.models.towers import (
     freeze_llm,
     freeze_vision_tower,
@@ -154,8 +156,12 @@ class AdemVL(RankScoringMixin, BaseModel):
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> AdemVL:
         config = AdemVLConfig.from_dict(cfg)  # validates every key first
-        llm, tokenizer, vision_tower, dtype = load_towers(config, model_device(config))
+        device = model_device(config)
+        mesh = frozen_mesh(device.type, config.fsdp_shard_size) if config.frozen_sharding == "fsdp" else None
+        llm, tokenizer, vision_tower, dtype = load_towers(config, device, llm_on_meta=mesh is not None)
         model = cls(llm, tokenizer, vision_tower, config, compute_dtype=dtype)
+        if mesh is not None:
+            shard_frozen_towers(model, mesh, llm_source=config.llm_model)
         if config.load_finetuned:
             if not config.finetuned:
                 raise KeyError("load_finetuned is true but `finetuned` names no checkpoint")
@@ -183,9 +189,20 @@ class AdemVL(RankScoringMixin, BaseModel):
         return self.config.llm_device_map is not None or self.config.llm_quantization is not None
 
     @property
+    def llm_sharded(self) -> bool:
+        """True when the frozen LLM is sharded over the ranks (`frozen_sharding: fsdp`): every rank must then make the
+        same LLM passes (`sharding.keep_in_step`, `idle_llm_pass`)."""
+        return is_sharded(self.llm)
+
+    @property
     def llm_spans_devices(self) -> bool:
         """True when `llm_device_map` spreads the LLM over devices: its layers, and its logits, live on several."""
         return self.config.llm_device_map is not None
+
+    def shard_frozen(self, mesh: DeviceMesh) -> None:
+        """Shard the frozen LLM and vision tower over `mesh` with FSDP2, in place (`sharding.shard_frozen_towers`); the
+        trainable modules stay whole. A model built with `frozen_sharding: fsdp` is sharded already."""
+        shard_frozen_towers(self, mesh)
 
     def to(self, *args: Any, **kwargs: Any) -> AdemVL:
         """`nn.Module.to`, except that a dispatched LLM (`llm_dispatched`) stays where it was placed: accelerate's hooks
@@ -441,8 +458,18 @@ class AdemVL(RankScoringMixin, BaseModel):
                 attention_mask=encoded.attention_mask,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
+                # A sharded LLM: ranks whose answers have ended keep stepping until every rank's have.
+                synced_gpus=self.llm_sharded,
                 **options,
             )
+
+    @torch.no_grad()
+    def idle_llm_pass(self) -> None:
+        """One LLM pass over a single padding token, its output unused: the gathers of a real pass, for a rank whose
+        data needs fewer passes than another's while the LLM is sharded (`sharding.keep_in_step`)."""
+        token = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.device)
+        with self.autocast():
+            self.llm(inputs_embeds=self.llm.get_input_embeddings()(token), use_cache=False)
 
     def forward(self, samples: dict) -> dict[str, torch.Tensor]:
         """Language-modelling loss on the answer tokens (and the closing eos) only."""

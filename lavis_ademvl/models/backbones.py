@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lavis_ademvl.models.sharding import sampled_values
+
 PARTS = {"llm": "the LLM", "vision": "the vision tower", "tokenizer": "the tokenizer"}
 SAMPLED_TENSORS = 64  # the tensors whose values are sampled, spread over the sorted names (a checkpoint stays small)
 VALUES_PER_TENSOR = 4
@@ -65,12 +67,13 @@ def tower_identity(tower: nn.Module, source: str | None) -> dict[str, Any]:
 
 
 def value_sample(tensor: torch.Tensor) -> list[float]:
-    """VALUES_PER_TENSOR values spread evenly over the tensor's elements, as float32 on the host."""
-    flat = tensor.detach().reshape(-1)
-    count = min(VALUES_PER_TENSOR, flat.numel())
+    """VALUES_PER_TENSOR values spread evenly over the tensor's elements, as float32 on the host (of a tensor sharded
+    by FSDP too: then a collective, `sharding.sampled_values`)."""
+    numel = tensor.numel()
+    count = min(VALUES_PER_TENSOR, numel)
     # integer steps: float32 positions round past the last element of a tensor over 2**24 elements (an embedding)
-    index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
-    return flat[index.to(flat.device)].float().cpu().tolist()
+    positions = torch.arange(count) * (numel - 1) // max(count - 1, 1)
+    return sampled_values(tensor, positions).tolist()
 
 
 def tokenizer_identity(tokenizer: Any, source: str | None) -> dict[str, Any]:

@@ -61,17 +61,24 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
         )
     layer_class = DECODER_FAMILIES[model_type][0]
     layers = getattr(llm.get_decoder(), "layers", None)
-    found = sorted({type(layer).__name__ for layer in layers}) if layers is not None else "no `layers`"
+    found = sorted({layer_class_name(layer) for layer in layers}) if layers is not None else "no `layers`"
     if layers is None or found != [layer_class]:
         raise ValueError(f"the LLM's model_type {model_type!r} ({type(llm).__name__}) should have decoder layers of "
                          f"class {layer_class}; its decoder has {found}")
     return layers
 
 
+def layer_class_name(layer: nn.Module) -> str:
+    """The Hugging Face class of a decoder layer, also once FSDP has put its own subclass in front of it (`FSDPLlama
+    DecoderLayer`)."""
+    return next((cls.__name__ for cls in type(layer).__mro__ if cls.__name__ in _POINTS_OF_LAYER_CLASS),
+                type(layer).__name__)
+
+
 def layer_points(layer: nn.Module) -> dict[str, str]:
     """The point -> submodule table of a decoder layer's family; a layer of another class (built by hand, as tests do)
     is hooked at LLaMA's points (`decoder_layers` admits no LLM of another family)."""
-    return _POINTS_OF_LAYER_CLASS.get(type(layer).__name__, PRE_NORM_POINTS)
+    return _POINTS_OF_LAYER_CLASS.get(layer_class_name(layer), PRE_NORM_POINTS)
 
 
 class VisualMemory:

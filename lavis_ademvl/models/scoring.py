@@ -7,11 +7,13 @@ it reads the model only through its public face (`sample_texts`, `processor`, `s
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 
 import torch
 
 from lavis_ademvl.models.processing import EncodedBatch, VisualInputs, answer_after, image_flags
+from lavis_ademvl.models.sharding import keep_in_step
 
 
 class RankScoringMixin:
@@ -33,6 +35,10 @@ class RankScoringMixin:
         has_image = image_flags(samples, len(prompts))
         visual = self.sample_visual_inputs(samples, len(prompts))
         flat_scores: list[float] = []
+        chunks = math.ceil(len(pairs) / rows_per_pass)
+        for _ in range(chunks, keep_in_step(self, chunks)):  # two passes per chunk: its prefix, its pairs' suffixes
+            self.idle_llm_pass()
+            self.idle_llm_pass()
         for start in range(0, len(pairs), rows_per_pass):
             chunk = pairs[start : start + rows_per_pass]
             rows = torch.tensor([row for row, _ in chunk])
@@ -95,6 +101,9 @@ def shared_prefix_scores(model: RankScoringMixin, pair_samples: dict, rows: torc
     scored = [i for i, row_labels in enumerate(labels) if any(label != -100 for label in row_labels)]
     scores = [0.0] * len(sequences)  # a pair whose answer truncation cut away (truncation 'end') scores 0
     if not scored:
+        if model.llm_sharded:  # the passes every other rank makes for its chunk
+            model.idle_llm_pass()
+            model.idle_llm_pass()
         return scores
     # One prefix per sample: the ids all its pairs share, ending at or before its first answer token. The image
     # slots precede the prompt, so they are always in it: the suffixes need no slot embeddings.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lavis_ademvl.common.hf_folders import check_rope_read
@@ -97,12 +98,17 @@ def model_device(config: AdemVLConfig) -> torch.device:
 
 
 def load_towers(
-    config: AdemVLConfig, device: torch.device
+    config: AdemVLConfig, device: torch.device, llm_on_meta: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel | None, torch.dtype]:
     """(LLM, tokenizer, vision tower or None, compute dtype) of a model config, loaded in that order straight onto
-    `device` (a 7B LLM never passes through host memory as a whole on a GPU run)."""
+    `device` (a 7B LLM never passes through host memory as a whole on a GPU run). `llm_on_meta`: a pretrained LLM's
+    parameters are left on the meta device, for `sharding.shard_frozen_towers` to read each rank's shard into."""
     dtype = compute_dtype(config, device)
-    llm = load_llm(config.llm_model, config.llm_config, dtype, device, config.llm_quantization, config.llm_device_map)
+    if llm_on_meta and config.llm_model is not None:
+        llm = meta_llm(config.llm_model, dtype)
+    else:
+        llm = load_llm(config.llm_model, config.llm_config, dtype, device, config.llm_quantization,
+                       config.llm_device_map)
     tokenizer_name = config.tokenizer or config.llm_model
     if tokenizer_name is None:
         raise KeyError("model config needs `tokenizer` when the LLM comes from `llm_config`")
@@ -153,6 +159,23 @@ def load_llm(
     if config is not None:
         return random_tower(lambda: AutoModelForCausalLM.from_config(llm_config(**config)), dtype, device)
     return _pretrained(AutoModelForCausalLM, "llm_model", name_or_path, dtype, device)
+
+
+def meta_llm(name_or_path: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The LLM of a folder or hub name built from its config.json as `from_pretrained` builds it, with its parameters
+    on the meta device and its buffers computed: the ones no checkpoint holds (LLaMA's rotary `inv_freq`) would
+    otherwise be left as uninitialised memory, and the model would compute a slightly wrong loss without an error."""
+    source = os.path.expanduser(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise OSError(f"model.llm_model={name_or_path!r} could not be loaded (a local folder, or a hub name): {error}") from error
+    options = {"attn_implementation": "eager"} if config.model_type in EAGER_ATTENTION else {}
+    with init_empty_weights(include_buffers=False):
+        llm = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, **options)
+    llm.tie_weights()  # which transformers 5 skips for parameters created on the meta device
+    check_rope_read(PretrainedConfig.get_config_dict(source)[0], llm.config, f"model.llm_model={name_or_path!r}")
+    return llm
 
 
 def llm_config(model_type: str = "llama", **values: Any) -> PretrainedConfig:

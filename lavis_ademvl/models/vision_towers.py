@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import (
     AutoConfig,
     CLIPVisionModel,
@@ -94,10 +95,12 @@ def vision_family(model_type: str, source: str) -> VisionFamily:
 
 
 def family_of(tower: nn.Module) -> VisionFamily:
+    # The tower's own class, also once FSDP has put its subclass in front of it (`FSDPCLIPVisionModel`).
+    tower_class = next(cls for cls in type(tower).__mro__ if not issubclass(cls, FSDPModule))
     for family in VISION_FAMILIES.values():
-        if type(tower) is family.model_class:
+        if tower_class is family.model_class:
             return family
-    raise TypeError(f"{type(tower).__name__} is not a vision tower class of {sorted(VISION_FAMILIES)}")
+    raise TypeError(f"{tower_class.__name__} is not a vision tower class of {sorted(VISION_FAMILIES)}")
 
 
 def vision_config(values: dict) -> PretrainedConfig:

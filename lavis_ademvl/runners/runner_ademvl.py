@@ -49,6 +49,7 @@ from lavis_ademvl.common.results import EVALUATED_CHECKPOINT
 from lavis_ademvl.common.run_config import built_checkpoint, check_run_config
 from lavis_ademvl.common.seeding import seed_everything
 from lavis_ademvl.common.validation import checked_number
+from lavis_ademvl.models.sharding import frozen_mesh
 
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 
@@ -111,6 +112,8 @@ class RunnerAdemVL(RunnerBase):
                 raise ValueError("model.llm_device_map spreads one model over several GPUs in one process; run it "
                                  "without torchrun (a quantized LLM, on each rank's own GPU, trains under torchrun)")
             self._model = self._model.to(self.device)  # a dispatched LLM stays where it was placed (AdemVL.to)
+            if self.use_distributed and self.config.run_cfg.get("distributed_strategy", "ddp") == "fsdp":
+                self.shard_frozen_towers()
             if self.use_distributed:
                 # DDP owns the trainable parameters only: the frozen towers come from the same files (or the same
                 # seed) on every rank, and broadcasting them at wrap time (13.5 GB at 7B) and their buffers at every
@@ -121,6 +124,16 @@ class RunnerAdemVL(RunnerBase):
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    def shard_frozen_towers(self) -> None:
+        """`run.distributed_strategy: fsdp`: the model's frozen towers sharded over the ranks (FSDP2), unless it was
+        built so (`lavis.train` builds it sharded); its trainable weights stay whole, under the DDP wrap."""
+        shard = getattr(self._model, "shard_frozen", None)
+        if shard is None:
+            raise ValueError(f"run.distributed_strategy=fsdp shards the frozen towers of an ademvl model; "
+                             f"{type(self._model).__name__} has none")
+        if not self._model.llm_sharded:
+            shard(frozen_mesh(self.device.type, self.config.run_cfg.get("fsdp_shard_size")))
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:  # decided by device and dtype (float16 on CUDA), not run.amp alone

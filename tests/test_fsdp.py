@@ -1,0 +1,274 @@
+"""`run.distributed_strategy: fsdp`: the frozen towers sharded over the ranks with FSDP2 (lavis_ademvl.models.sharding).
+
+In one process (a one-rank gloo group): the meta-device load, its buffers and its refusals. Under torchrun with 2 gloo
+ranks: the sharded model against the whole one (tests/fsdp_worker.py), and `lavis_ademvl.train` with fsdp against ddp,
+resume, evaluation in one process and `ademvl predict`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from cli import REPO, TINY_SQA, job_dirs, run_module
+from helpers import make_batch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lavis_ademvl.common.launch import prepare, set_model_sharding
+from lavis_ademvl.common.results import read_evaluations
+from lavis_ademvl.common.run_config import check_run_config
+from lavis_ademvl.models.ademvl import AdemVL
+from lavis_ademvl.models.config import AdemVLConfig
+from lavis_ademvl.models.sharding import frozen_mesh, llm_units, shard_rows
+
+TINY = OmegaConf.to_container(OmegaConf.load(REPO / "lavis_ademvl" / "configs" / "models" / "ademvl" / "tiny.yaml").model)
+
+
+def save_llm(folder: Path, tie: bool = False) -> Path:
+    """A tiny random LLaMA (the tiny config's shape) saved as Hugging Face saves it: config.json, model.safetensors."""
+    torch.manual_seed(1)
+    shape = {key: value for key, value in TINY["llm_config"].items()}
+    AutoModelForCausalLM.from_config(LlamaConfig(**shape, tie_word_embeddings=tie)).save_pretrained(folder)
+    return folder
+
+
+def tiny_config(**changes) -> dict:
+    return {**TINY, "llm_config": None, "device": "cpu", "adapter_dropout": 0.0, **changes}
+
+
+def build(**changes) -> AdemVL:
+    torch.manual_seed(0)
+    return AdemVL.from_config(tiny_config(**changes)).eval()
+
+
+@pytest.fixture
+def single_process_group():
+    """A one-process gloo group, as torchrun --nproc_per_node 1 makes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ one process
+
+
+def test_shard_rows_split_as_torch_chunk_does():
+    class Mesh:  # the two calls shard_rows makes of a device mesh's shard dimension
+        def __init__(self, size: int, index: int) -> None:
+            self.size_, self.index = size, index
+
+        def __getitem__(self, name: str) -> "Mesh":
+            return self
+
+        def size(self) -> int:
+            return self.size_
+
+        def get_local_rank(self) -> int:
+            return self.index
+
+    for rows in (1, 2, 7, 259, 4096):
+        for size in (1, 2, 3, 8):
+            chunks = torch.arange(rows).chunk(size)
+            for index in range(size):
+                expected = chunks[index] if index < len(chunks) else torch.arange(0)
+                start, count = shard_rows(rows, Mesh(size, index))
+                assert count == len(expected)
+                if count:
+                    assert start == expected[0].item()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llm_units_cover_every_llm_weight_once(tmp_path, tie):
+    llm = AutoModelForCausalLM.from_pretrained(save_llm(tmp_path / "llm", tie))
+    units = llm_units(llm)
+    groups = [unit if isinstance(unit, list) else [unit] for unit in units]
+    held = [id(p) for group in groups for p in {id(p): p for m in group for p in m.parameters()}.values()]
+    assert sorted(held) == sorted(id(p) for p in llm.parameters())  # every weight, none twice
+    assert len(units) == llm.config.num_hidden_layers + (1 if tie else 2)
+    if tie:  # the tied embeddings, with the final norm, in one unit
+        assert groups[-1][0] is llm.get_input_embeddings() and llm.get_output_embeddings() in groups[-1]
+
+
+def test_meta_load_equals_a_normal_load(tmp_path, single_process_group):
+    """Built on the meta device and read from the files, the LLM computes what `from_pretrained`'s does: every weight,
+    every buffer (LLaMA's rotary inv_freq is in no checkpoint; left to `to_empty` it would be uninitialised memory) and
+    the loss."""
+    folder = save_llm(tmp_path / "llm")
+    whole, sharded = build(llm_model=str(folder)), build(llm_model=str(folder), frozen_sharding="fsdp")
+    assert sharded.llm_sharded and not whole.llm_sharded
+    assert isinstance(sharded.llm.model.layers[0].mlp.up_proj.weight, DTensor)
+    sharded_parameters = dict(sharded.named_parameters())
+    for name, parameter in whole.named_parameters():
+        other = sharded_parameters[name]
+        assert torch.equal(parameter, other.full_tensor() if isinstance(other, DTensor) else other), name
+    buffers = dict(sharded.named_buffers())
+    assert {"llm.model.rotary_emb.inv_freq", "vision_tower.embeddings.position_ids"} <= buffers.keys()
+    for name, buffer in whole.named_buffers():
+        assert buffers[name].dtype == buffer.dtype and torch.equal(buffers[name], buffer), name
+    batch = make_batch()
+    assert torch.equal(whole(batch)["loss"], sharded(batch)["loss"])
+    assert sharded.backbone_identity() == whole.backbone_identity()
+
+
+def test_a_missing_or_unexpected_weight_names_the_folder_and_keys(tmp_path, single_process_group):
+    folder = save_llm(tmp_path / "llm")
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.extra.weight"] = weights.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not load completely.*missing.*model\.layers\.1\.mlp\.up_proj\.weight.*"
+                                         r"unexpected.*model\.layers\.0\.extra\.weight"):
+        build(llm_model=str(folder), frozen_sharding="fsdp")
+
+
+def test_a_folder_without_safetensors_is_refused(tmp_path, single_process_group):
+    folder = save_llm(tmp_path / "llm")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="reads the LLM's weights shard by shard from safetensors files"):
+        build(llm_model=str(folder), frozen_sharding="fsdp")
+
+
+def test_sharding_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torchrun job; this process is in no process group"):
+        build(llm_config=TINY["llm_config"], frozen_sharding="fsdp")
+
+
+def test_a_shard_size_that_does_not_divide_the_ranks_is_refused(single_process_group):
+    with pytest.raises(ValueError, match=r"run.fsdp_shard_size=3 must divide the number of ranks \(1\)"):
+        frozen_mesh("cpu", 3)
+
+
+def test_settings_that_contradict_sharding_are_refused():
+    with pytest.raises(ValueError, match="cannot also be placed by llm_device_map or quantized"):
+        AdemVLConfig(frozen_sharding="fsdp", llm_device_map="auto")
+    with pytest.raises(ValueError, match="run.distributed_strategy='zero3': choose one of"):
+        check_run_config(OmegaConf.create({"distributed_strategy": "zero3"}))
+    with pytest.raises(ValueError, match="run.fsdp_shard_size=2 is read only with run.distributed_strategy=fsdp"):
+        check_run_config(OmegaConf.create({"fsdp_shard_size": 2}))
+    with pytest.raises(ValueError, match="model.frozen_sharding='fsdp' is set by run.distributed_strategy=fsdp"):
+        set_model_sharding(OmegaConf.create({"arch": "ademvl", "frozen_sharding": "fsdp"}),
+                           OmegaConf.create({"distributed": True}))
+
+
+def test_fsdp_under_torchrun_builds_the_model_sharded_and_in_one_process_whole():
+    model_cfg = OmegaConf.create({"arch": "ademvl"})
+    set_model_sharding(model_cfg, OmegaConf.create({"distributed_strategy": "fsdp", "distributed": False}))
+    assert model_cfg.get("frozen_sharding") is None
+    set_model_sharding(model_cfg, OmegaConf.create({"distributed_strategy": "fsdp", "distributed": True,
+                                                    "fsdp_shard_size": 2}))
+    assert (model_cfg.frozen_sharding, model_cfg.fsdp_shard_size) == ("fsdp", 2)
+
+
+def test_the_runner_shards_a_model_built_whole(sqa_root, tmp_path, single_process_group):
+    """A model built whole (the Python API, or LAVIS's own scripts) is sharded by the runner's wrap; its trainable
+    weights stay whole and DDP owns exactly them."""
+    experiment = prepare(TINY_SQA, [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}",
+                                    f"run.output_dir={tmp_path / 'out'}", "run.distributed_strategy=fsdp"])
+    model = experiment.model
+    assert not model.llm_sharded  # prepare saw no torchrun job
+    experiment.cfg.run_cfg.distributed = True
+    wrapped = experiment.build_runner().model
+    assert model.llm_sharded and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {name for name, _ in model.named_parameters()} - wrapped.parameters_to_ignore == trainable
+    assert not any(isinstance(p, DTensor) for name, p in model.named_parameters() if name in trainable)
+    wrapped(make_batch())["loss"].backward()
+    assert model.visual_value_offset.grad is not None
+
+
+# ------------------------------------------------------------------ two gloo ranks
+
+
+def torchrun(script: list[str], cwd: Path, port: int) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *script]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+
+
+def test_two_ranks_sharded_compute_what_the_whole_model_computes(tmp_path):
+    """Each rank feeds its own batches (sizes, candidate counts and answer lengths differ between the ranks, so that a
+    rank needing fewer LLM passes must keep in step) to the tiny model built whole and built sharded on an untied and a
+    tied LLaMA folder: weights, buffers, loss, gradients, next-token log-probabilities, rank scores and generated text
+    are equal."""
+    folders = [str(save_llm(tmp_path / "untied")), str(save_llm(tmp_path / "tied", tie=True))]
+    torchrun([str(REPO / "tests" / "fsdp_worker.py"), str(tmp_path), *folders], tmp_path, 29534)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for folder in folders:
+        rank0, rank1 = (report[folder] for report in reports)
+        assert rank0["sharded_llm"] and rank0["sharded_tensors"] > 0
+        # Every tensor is split between the ranks (the 259-row embeddings unevenly: 130 + 129).
+        for name, rows in rank0["local_rows"].items():
+            assert rows + rank1["local_rows"][name] >= 2 and rows >= rank1["local_rows"][name], name
+        assert rank0["local_rows"]["llm.model.embed_tokens.weight"] == 130
+        assert rank0["pair_passes"] != rank1["pair_passes"]  # rank 1 made idle passes to keep in step
+        for report in (rank0, rank1):
+            assert all(report["buffers"].values()) and len(report["buffers"]) >= 3, report["buffers"]
+            assert report["backbones_equal"]
+            for key in ("parameters", "loss", "gradients", "logprobs", "scores"):
+                assert report[key] <= 1e-6, (folder, key, report[key])
+            for beams in (1, 2):
+                whole, sharded = report[f"generated_beams{beams}"]
+                assert whole == sharded
+
+
+def test_fsdp_training_equals_ddp_resumes_exactly_and_its_checkpoint_loads_in_one_process(sqa_root, tmp_path):
+    """`lavis_ademvl.train` under torchrun with run.distributed_strategy=fsdp: 2 epochs give the weights the same run
+    under ddp gives (same seed and batches, adapter dropout and random crop off); 1 epoch, then a resume, gives them
+    too; its test evaluation equals the one-process `lavis_ademvl.evaluate` of its checkpoint, and `ademvl predict`
+    loads that checkpoint."""
+    common = [f"datasets.scienceqa_mc.build_info.data_root={sqa_root}", "run.device=cpu", "model.adapter_dropout=0.0",
+              "datasets.scienceqa_mc.vis_processor.train.resize=squash", "run.inference_method=rank",
+              "run.max_epoch=2", "run.valid_splits=[]"]
+
+    def train(output: str, *options: str) -> Path:
+        torchrun(["-m", "lavis_ademvl.train", "--cfg-path", str(TINY_SQA), "--options", *common,
+                  f"run.output_dir={tmp_path / output}", *options], tmp_path, 29535)
+        return job_dirs(tmp_path / output)[0]
+
+    def weights(job: Path) -> dict[str, torch.Tensor]:
+        return torch.load(job / "checkpoint_latest.pth", weights_only=True)["model"]
+
+    fsdp = train("fsdp", "run.distributed_strategy=fsdp")
+    ddp = train("ddp")
+    split = train("split", "run.distributed_strategy=fsdp", "run.epochs_per_job=1", "run.test_splits=[]")
+    train("split", "run.distributed_strategy=fsdp", f"run.resume_ckpt_path={split / 'checkpoint_latest.pth'}")
+    trained = weights(fsdp)
+    assert trained["visual_value_offset"].abs().sum() > 0
+    for other in (weights(ddp), weights(split)):
+        assert other.keys() == trained.keys()
+        for key, value in trained.items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=1e-6, msg=key)
+    assert "fsdp" in (fsdp / "log.txt").read_text()
+
+    checkpoint = fsdp / "checkpoint_latest.pth"
+    alone = tmp_path / "alone"
+    run_module("lavis_ademvl.evaluate", TINY_SQA, [*common, f"run.output_dir={alone}", "model.load_finetuned=true",
+                                                    f"model.finetuned={checkpoint}"], cwd=tmp_path)
+    (evaluated,) = job_dirs(alone)
+    sharded_answers = json.loads((fsdp / "result" / "test_epoch1.json").read_text())
+    alone_answers = json.loads((evaluated / "result" / "test_epochfinetuned.json").read_text())
+    assert len(sharded_answers) == 8  # the distributed sampler's padded duplicates removed
+    assert sorted(sharded_answers, key=lambda a: a["question_id"]) == sorted(alone_answers, key=lambda a: a["question_id"])
+    assert read_evaluations(fsdp / "evaluate.txt")[-1][1]["Avg"] == read_evaluations(evaluated / "evaluate.txt")[-1][1]["Avg"]
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    predicted = subprocess.run(
+        [sys.executable, "-m", "lavis_ademvl.cli", "predict", "--cfg-path", str(TINY_SQA), "--options", *common[1:],
+         "--checkpoint", str(checkpoint), "--question", "Which colour is the square?", "--choices", "red", "blue"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert predicted.stdout.strip().splitlines()[-1] in ("(A) red", "(B) blue")
