@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,14 @@ from omegaconf import OmegaConf
 
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.config import AdemVLConfig, markdown_table
+from lavis_ademvl.models.cpu_arithmetic import (
+    BF16_MIN_SPEEDUP,
+    auto_cpu_dtype,
+    choose_cpu_dtype,
+    cpu_has_native_bfloat16,
+    describe_cpu_dtype,
+)
 from lavis_ademvl.models.fusion import adaptive_cross_attention, multiscale_pool
-from lavis_ademvl.models.towers import cpu_has_native_bfloat16
 
 TRAINABLE_GROUPS = {"visual_key_offset", "visual_value_offset", "visual_proj", "cls_proj", "vision_adapters"}
 
@@ -159,14 +166,43 @@ def test_cpu_bfloat16_trains_close_to_float32():
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
 
 
-def test_cpu_dtype_auto_follows_the_cpu_flags(tmp_path):
+def test_cpu_dtype_auto_is_float32_without_native_bfloat16_and_measured_with_it(tmp_path, monkeypatch):
     with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
-    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    with_bf16.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
     assert cpu_has_native_bfloat16(with_bf16) and not cpu_has_native_bfloat16(without)
     assert not cpu_has_native_bfloat16(tmp_path / "missing")
-    expected = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
-    assert tiny_model(cpu_dtype="auto").llm.dtype == expected
+    # The decision, from given step times: bfloat16 only when native and at least BF16_MIN_SPEEDUP faster.
+    assert choose_cpu_dtype(False, None)[0] == torch.float32
+    assert choose_cpu_dtype(False, {"float32": 9.0, "bfloat16": 1.0})[0] == torch.float32
+    assert choose_cpu_dtype(True, {"float32": 2.0, "bfloat16": 1.0}) == (
+        torch.bfloat16, "the CPU has native bfloat16 and a frozen linear step measured 1000.0 ms in bfloat16 against "
+        "2000.0 ms in float32 (2.00x)")
+    assert choose_cpu_dtype(True, {"float32": BF16_MIN_SPEEDUP, "bfloat16": 1.0})[0] == torch.bfloat16
+    assert choose_cpu_dtype(True, {"float32": 1.1, "bfloat16": 1.0})[0] == torch.float32  # not clearly faster
+    assert choose_cpu_dtype(True, {"float32": 1.0, "bfloat16": 1.5})[0] == torch.float32  # the issue #37 Xeon's case
+    # Without native bfloat16: float32, with nothing measured or cached.
+    cache = tmp_path / "cache" / "cpu_dtype.json"
+    assert auto_cpu_dtype(without, cache)[0] == torch.float32 and not cache.exists()
+    # With it: measured once and cached under the CPU model; a later call decides from the cache.
+    dtype, reason = auto_cpu_dtype(with_bf16, cache)
+    (key, seconds), = json.loads(cache.read_text()).items()
+    assert key.startswith("Some Xeon | ") and seconds["float32"] > 0 and seconds["bfloat16"] > 0
+    assert (dtype, reason) == choose_cpu_dtype(True, seconds)
+    cache.write_text(json.dumps({key: {"float32": 3.0, "bfloat16": 1.0}}))
+    assert auto_cpu_dtype(with_bf16, cache)[0] == torch.bfloat16
+    cache.write_text(json.dumps({key: {"float32": 1.0, "bfloat16": 3.0}}))
+    assert auto_cpu_dtype(with_bf16, cache)[0] == torch.float32
+    # The line the demo prints names the path, the CPU and the reason.
+    assert describe_cpu_dtype("bfloat16", with_bf16) == (
+        torch.bfloat16, "bfloat16, set by model.cpu_dtype (this CPU, Some Xeon, has native bfloat16)")
+    assert describe_cpu_dtype("auto", with_bf16, cache) == (
+        torch.float32, "float32, chosen by model.cpu_dtype=auto on this CPU (Some Xeon): the CPU has native bfloat16, "
+        "but a frozen linear step measured 3000.0 ms in bfloat16 against 1000.0 ms in float32 (0.33x), under the 1.2x "
+        "it takes")
+    # The model computes in what auto resolves to on this machine.
+    monkeypatch.setenv("LAVIS_ADEMVL_CACHE", str(tmp_path / "cache"))
+    assert tiny_model(cpu_dtype="auto").llm.dtype == auto_cpu_dtype()[0]
 
 
 def test_samples_without_images_ignore_their_placeholder(device):

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lavis_ademvl.common.hf_folders import check_rope_read
 from lavis_ademvl.models.config import AdemVLConfig
+from lavis_ademvl.models.cpu_arithmetic import auto_cpu_dtype
 from lavis_ademvl.models.tokenization import load_tokenizer
 from lavis_ademvl.models.vision_towers import (
     drop_last_block,
@@ -59,19 +60,10 @@ KNOWN_VISION_SHAPES = {
 }
 
 
-def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU flags list AVX512-BF16 or AMX-BF16 (Linux); False when they cannot be read."""
-    try:
-        flags = cpuinfo.read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def compute_dtype(config: AdemVLConfig, device: torch.device) -> torch.dtype:
     """The dtype the frozen towers compute in on `device`: `llm_dtype` on CUDA (bfloat16 falls back to float16, with a
     loss scaler, on GPUs without bfloat16 such as V100/T4); on CPU `cpu_dtype`, where `auto` is bfloat16 only if the
-    CPU computes it natively (about 1.5x faster there, slower elsewhere)."""
+    CPU computes it natively and it is measured faster there (`cpu_arithmetic`)."""
     if device.type == "cuda":
         dtype = DTYPES[config.llm_dtype]
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -80,7 +72,9 @@ def compute_dtype(config: AdemVLConfig, device: torch.device) -> torch.dtype:
             return torch.float16
         return dtype
     if config.cpu_dtype == "auto":
-        return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+        dtype, reason = auto_cpu_dtype()
+        logging.info("cpu_dtype auto: %s, since %s", dtype, reason)
+        return dtype
     return DTYPES[config.cpu_dtype]
 
 
