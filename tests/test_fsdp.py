@@ -21,13 +21,17 @@ from helpers import make_batch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lavis_ademvl.cli.params import main as params_main
 from lavis_ademvl.common.launch import prepare, set_model_sharding
 from lavis_ademvl.common.results import read_evaluations
 from lavis_ademvl.common.run_config import check_run_config
+from lavis_ademvl.models import gpu_memory
 from lavis_ademvl.models.ademvl import AdemVL
 from lavis_ademvl.models.config import AdemVLConfig
+from lavis_ademvl.models.gpu_memory import frozen_units, measured_activations, predict_training_memory
 from lavis_ademvl.models.sharding import frozen_mesh, llm_units, shard_rows
 
 TINY = OmegaConf.to_container(OmegaConf.load(REPO / "lavis_ademvl" / "configs" / "models" / "ademvl" / "tiny.yaml").model)
@@ -69,7 +73,7 @@ def test_shard_rows_split_as_torch_chunk_does():
         def __init__(self, size: int, index: int) -> None:
             self.size_, self.index = size, index
 
-        def __getitem__(self, name: str) -> "Mesh":
+        def __getitem__(self, name: str) -> Mesh:
             return self
 
         def size(self) -> int:
@@ -272,3 +276,55 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_its_checkpoint_loads_in_on
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert predicted.stdout.strip().splitlines()[-1] in ("(A) red", "(B) blue")
+
+
+# ------------------------------------------------------------------ predicted memory per GPU
+
+
+def test_measured_activations_on_the_meta_device_are_what_a_real_step_saves(monkeypatch):
+    """The meta-device measurement against the same step on real CPU tensors (attention by the math kernel, which the
+    meta device runs), counted directly: every saved tensor that needs a gradient once, by its storage's address."""
+    meta = measured_activations(AdemVL.on_meta_device(tiny_config(llm_config=TINY["llm_config"])), 2, 40, torch.float32)
+
+    def by_storage(step, weights) -> int:
+        addresses = {weight.untyped_storage().data_ptr() for weight in weights}
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if tensor.requires_grad and tensor.is_floating_point() and storage.data_ptr() not in addresses:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            step()
+        return sum(storages.values())
+
+    monkeypatch.setattr(gpu_memory, "saved_tensor_bytes", by_storage)
+    with sdpa_kernel(SDPBackend.MATH):
+        real = measured_activations(build(llm_config=TINY["llm_config"]).train(), 2, 40, torch.float32, device="cpu")
+    assert meta == real > 2 * 40 * 64 * 4 * TINY["llm_config"]["num_hidden_layers"]
+
+
+def test_predicted_memory_splits_the_frozen_towers_and_keeps_the_rest():
+    model = AdemVL.on_meta_device(tiny_config(llm_config=TINY["llm_config"]))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert sorted(id(p) for unit in frozen_units(model) for p in unit) == sorted(id(p) for p in frozen)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    predicted = predict_training_memory(model, 2, 40, gpus=3)
+    ddp, fsdp = predicted["ddp"], predicted["fsdp"]
+    assert ddp.frozen == 4 * sum(p.numel() for p in frozen)  # the tiny config's llm_dtype: float32
+    # Under FSDP each tensor's rows are split as torch.chunk splits them: rank 0 holds the largest chunk.
+    assert fsdp.frozen == 4 * sum(p[: len(torch.arange(p.shape[0]).chunk(3)[0])].numel() for p in frozen)
+    assert fsdp.gathered == 2 * 4 * max(sum(p.numel() for p in unit) for unit in frozen_units(model)) > 0
+    assert ddp.trainable == fsdp.trainable == 16 * trainable
+    assert ddp.activations == fsdp.activations > 0 and ddp.gathered == 0
+
+
+def test_params_prints_the_70b_rows_offline(capsys):
+    assert params_main(["--model-type", "llama3_70b", "--gpus", "8", "--batch-size", "1", "--length", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "LLM                           70,553,706,496" in printed
+    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith(("  ddp", "  fsdp"))}
+    ddp_total, fsdp_total = float(rows["ddp"][-1]), float(rows["fsdp,"][-1])
+    assert float(rows["ddp"][1]) > 130 and fsdp_total < ddp_total / 4  # 141 GB whole; an eighth per GPU, sharded

@@ -75,6 +75,8 @@ class AdemVL(RankScoringMixin, BaseModel):
         "llama3_8b_siglip": str(CONFIG_DIR / "llama3_8b_siglip.yaml"),
         "qwen2_5_7b": str(CONFIG_DIR / "qwen2_5_7b.yaml"),
         "qwen2_5_7b_siglip": str(CONFIG_DIR / "qwen2_5_7b_siglip.yaml"),
+        "llama3_70b": str(CONFIG_DIR / "llama3_70b.yaml"),
+        "qwen2_5_72b": str(CONFIG_DIR / "qwen2_5_72b.yaml"),
         "smollm2_135m": str(CONFIG_DIR / "smollm2_135m.yaml"),
         "tiny": str(CONFIG_DIR / "tiny.yaml"),
     }
