@@ -131,15 +131,20 @@ def build_variants(shape: Shape, device: torch.device, fusions: Sequence[str] = 
     return llm, variants
 
 
-def make_batch(shape: Shape, tokenizer: PreTrainedTokenizerFast, device: torch.device) -> dict:
-    """text_tokens tokens of text per sample: a prompt of whole words, then the answer."""
+def make_batch(shape: Shape, tokenizer: PreTrainedTokenizerFast, device: torch.device, padded: bool) -> dict:
+    """text_tokens tokens of text per sample: a prompt of whole words, then the answer. `padded`: the first sample's
+    prompt a quarter shorter, so the batch is left-padded as a batch of varied prompts is (the fusion then runs its
+    padding path: padding positions selected away in every layer)."""
     answer_tokens = len(tokenizer(ANSWER, add_special_tokens=False).input_ids)
     filler = tokenizer(FILLER * shape.text_tokens, add_special_tokens=False).input_ids
-    prompt = tokenizer.decode(filler[: shape.text_tokens - answer_tokens])
+    prompt_tokens = shape.text_tokens - answer_tokens
+    prompts = [tokenizer.decode(filler[:prompt_tokens]) for _ in range(shape.batch)]
+    if padded:
+        prompts[0] = tokenizer.decode(filler[: prompt_tokens - shape.text_tokens // 4])
     return {
         "image": torch.randn(shape.batch, 3, shape.vision["image_size"], shape.vision["image_size"], device=device),
         "has_image": torch.ones(shape.batch, dtype=torch.long),
-        "text_input": [prompt] * shape.batch,
+        "text_input": prompts,
         "text_output": [ANSWER] * shape.batch,
     }
 
@@ -258,6 +263,7 @@ class RunConfig:
     new_tokens: int
     warmup: int
     threads: int
+    padded: bool
 
 
 @dataclass
@@ -296,12 +302,12 @@ def generation_step(model: AdemVL, batch: dict, new_tokens: int) -> Callable[[],
     return step
 
 
-def path_steps(shape: Shape, variants: Sequence[str], new_tokens: int, device: torch.device
+def path_steps(shape: Shape, variants: Sequence[str], new_tokens: int, padded: bool, device: torch.device
                ) -> tuple[dict[str, Callable[[], None]], dict]:
     """One arithmetic path's steps by key ("train adem", "generate adem"; `llm` has no generation) and its
     deterministic figures: tokens per sample and activation memory of each training step."""
     llm, models = build_variants(shape, device, [fusion for fusion in FUSIONS if fusion in variants])
-    batch = make_batch(shape, models["adem"].tokenizer, device)
+    batch = make_batch(shape, models["adem"].tokenizer, device, padded)
     train = {"llm": llm_step(llm, models["adem"], batch)} if "llm" in variants else {}
     train.update({name: train_step(model, batch) for name, model in models.items()})
     owners = {"llm": models["adem"], **models}  # whose weights are not activation memory
@@ -327,7 +333,7 @@ class LocalSession:
         paths = {}
         for dtype in config.dtypes:
             shape = dataclasses.replace(SHAPES[config.shape], dtype=DTYPES[dtype])
-            steps, facts = path_steps(shape, config.variants, config.new_tokens, self.device)
+            steps, facts = path_steps(shape, config.variants, config.new_tokens, config.padded, self.device)
             self.steps.update({f"{dtype} {key}": step for key, step in steps.items()})
             paths[dtype] = {"arithmetic": arithmetic_path(dtype, self.device, cpu), **facts}
         for _ in range(config.warmup):  # one-time costs (allocator, kernel selection) stay out of the repeats
@@ -497,7 +503,8 @@ def report(config: RunConfig, plan: Plan, sessions: Sequence[Session], samples: 
         "shape": shape.name, "device": str(device_of_run()), "machine": sessions[0].info["machine"],
         "batch": shape.batch, "text_tokens": shape.text_tokens, "new_tokens": config.new_tokens,
         "visual_tokens_adem": sum(shape.down_sample_num), "visual_tokens_prefix": num_patches + 1,
-        "dtypes": config.dtypes, "variants": config.variants, "threads": config.threads, "warmup": config.warmup,
+        "dtypes": config.dtypes, "variants": config.variants, "padded": config.padded, "threads": config.threads,
+        "warmup": config.warmup,
         "repeats": repeats, "plan": dataclasses.asdict(plan),
         "target_reached": all(r["within_target"] for r in ratios.values()) if plan.target else None,
         "memory_kind": ("peak CUDA allocation above the weights" if device_of_run().type == "cuda"
@@ -512,8 +519,9 @@ def markdown(result: dict) -> str:
     target = (f"target +-{plan['target']:.1%} on each ratio's 95% interval of the median: "
               f"{'reached' if result['target_reached'] else 'NOT reached for the ratios marked no'}" if plan["target"]
               else "no target")
-    lines = [f"### {result['shape']} on {result['device']} (batch {result['batch']}, {result['text_tokens']} text tokens, "
-             f"{result['new_tokens']} new tokens)", "",
+    padding = ", left-padded: one prompt a quarter shorter" if result["padded"] else ""
+    lines = [f"### {result['shape']} on {result['device']} (batch {result['batch']}, {result['text_tokens']} text tokens"
+             f"{padding}, {result['new_tokens']} new tokens)", "",
              f"Machine: {describe(result['machine'])}. {result['repeats']} repeats after {result['warmup']} warm-up, "
              f"steps interleaved in a rotated order; {target}."]
     for label, tree in result["trees"].items():
@@ -584,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="relative half-width of each ratio's 95%% interval of the median to reach; 0: none")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of every step before the repeats")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--padded", action="store_true",
+                        help="left-pad the batch (one prompt a quarter shorter), as a batch of varied prompts is")
     parser.add_argument("--compare", metavar="REV", help="also time the model code of commit REV, interleaved with "
                                                          "this checkout's, each in its own process")
     parser.add_argument("--python", default=sys.executable,
@@ -600,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     device = device_of_run()
     shape = args.shape or ("llama7b" if device.type == "cuda" else "smollm2")
     dtypes = args.dtypes or [next(name for name, dtype in DTYPES.items() if dtype == SHAPES[shape].dtype)]
-    config = RunConfig(shape, dtypes, [v for v in VARIANTS if v in args.variants], args.new_tokens, args.warmup, args.threads)
+    config = RunConfig(shape, dtypes, [v for v in VARIANTS if v in args.variants], args.new_tokens, args.warmup, args.threads,
+                       args.padded)
     plan = Plan(args.repeats, max(args.repeats, args.max_repeats), args.target_spread)
     with contextlib.ExitStack() as stack:
         if args.compare:

@@ -172,10 +172,10 @@ def test_compare_times_two_trees_each_with_its_own_model_code(tmp_path):
     """--compare HEAD: the checkout and HEAD (exported) each in a process of its own, threads pinned there, every
     step on both, and the between-tree ratios per repeat. The export is gone afterwards."""
     argv = ["--shape", "tiny", "--variants", "none,adem", "--threads", "1", "--repeats", "2", "--target-spread", "0",
-            "--new-tokens", "2", "--compare", "HEAD", "--out", str(tmp_path)]
+            "--new-tokens", "2", "--padded", "--compare", "HEAD", "--out", str(tmp_path)]
     assert fusion_speed.main(argv) == 0
     result = json.loads((tmp_path / "fusion_speed_tiny_cpu_vs_HEAD.json").read_text())
-    assert list(result["trees"]) == ["checkout", "HEAD"]
+    assert list(result["trees"]) == ["checkout", "HEAD"] and result["padded"]
     checkout, head = result["trees"]["checkout"], result["trees"]["HEAD"]
     assert checkout["lavis_ademvl"] == str(CHECKOUT / "lavis_ademvl")
     exported = Path(head["lavis_ademvl"])
@@ -193,6 +193,18 @@ def test_compare_times_two_trees_each_with_its_own_model_code(tmp_path):
         np.median(np.divide(train["checkout"]["float32 train adem"], train["HEAD"]["float32 train adem"])))
     memory = result["deterministic"]["checkout/HEAD float32: memory adem"]
     assert memory == checkout["paths"]["float32"]["memory_bytes"]["adem"] / head["paths"]["float32"]["memory_bytes"]["adem"]
+
+
+def test_padded_batch_is_left_padded():
+    """--padded: one prompt a quarter shorter, so the model's batch is left-padded and the fusion's padding path runs."""
+    shape, cpu = fusion_speed.SHAPES["tiny"], torch.device("cpu")
+    _, models = fusion_speed.build_variants(shape, cpu, ["adem"])
+    tokenizer = models["adem"].tokenizer
+    encoded = models["adem"].encode_batch(fusion_speed.make_batch(shape, tokenizer, cpu, padded=True), with_answer=True)
+    lengths = encoded.attention_mask.sum(dim=1).tolist()
+    assert encoded.padded and encoded.attention_mask[0, 0] == 0
+    assert lengths[1:] == [encoded.input_ids.shape[1]] * (shape.batch - 1) and lengths[0] == lengths[1] - shape.text_tokens // 4
+    assert not models["adem"].encode_batch(fusion_speed.make_batch(shape, tokenizer, cpu, padded=False), with_answer=True).padded
 
 
 def test_llama7b_towers_are_built_where_they_run_in_bfloat16():
