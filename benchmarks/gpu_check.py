@@ -13,6 +13,8 @@ H200 (an estimate: no GPU has run it yet):
   tiny-deterministic    the same run twice under run.deterministic=true: the same losses and weights, bit for bit
   tiny-resume           epoch 1 alone, then resumed from checkpoint_latest.pth: equal to the uninterrupted run
   tiny-torchrun         under torchrun --nproc_per_node 1 (nccl)
+  tiny-fsdp             under torchrun on every GPU (nccl), run.distributed_strategy=fsdp on a random LLaMA folder (the
+                        meta-device, shard-by-shard load): trains and tests; its weights equal the ddp run's (1e-5)
   tiny-bf16             model.llm_dtype=bfloat16
   tiny-fp16-amp         model.llm_dtype=float16 run.amp=true (the loss scaler)
   quant-8bit            a random LLaMA saved to a folder, loaded with model.llm_quantization=8bit
@@ -66,6 +68,9 @@ COMMON = ["run.device={device}", "run.output_dir={out}"]
 TINY = ["datasets.scienceqa_mc.build_info.data_root={data}", "run.batch_size_train=8", "run.max_epoch=1"]  # 2 steps
 DETERMINISTIC = [*TINY, "run.max_epoch=2", "run.deterministic=true", "run.valid_splits=[]", "run.test_splits=[]"]
 QUANTIZED = [*TINY, "model.llm_model={llama}", "model.llm_config=null"]
+# No adapter dropout or random crop: each rank would draw its own, and the fsdp run is compared with the ddp one.
+SHARDABLE = [*QUANTIZED, "model.adapter_dropout=0.0", "datasets.scienceqa_mc.vis_processor.train.resize=squash",
+             "run.inference_method=rank"]
 RUNS: dict[str, tuple[str, Path, list[str]]] = {
     "tiny": ("lavis_ademvl.train", TINY_SQA, TINY),
     "tiny-bf16": ("lavis_ademvl.train", TINY_SQA, [*TINY, "model.llm_dtype=bfloat16"]),
@@ -73,6 +78,8 @@ RUNS: dict[str, tuple[str, Path, list[str]]] = {
     "tiny-deterministic": ("lavis_ademvl.train", TINY_SQA, DETERMINISTIC),
     "tiny-first-epoch": ("lavis_ademvl.train", TINY_SQA, [*DETERMINISTIC, "run.epochs_per_job=1"]),
     "tiny-resumed": ("lavis_ademvl.train", TINY_SQA, [*DETERMINISTIC, "run.resume_ckpt_path={checkpoint}"]),
+    "tiny-fsdp": ("lavis_ademvl.train", TINY_SQA, [*SHARDABLE, "run.distributed_strategy=fsdp"]),
+    "tiny-fsdp-ddp": ("lavis_ademvl.train", TINY_SQA, SHARDABLE),
     "tiny-8bit": ("lavis_ademvl.train", TINY_SQA, [*QUANTIZED, "model.llm_quantization=8bit"]),
     "tiny-4bit": ("lavis_ademvl.train", TINY_SQA, [*QUANTIZED, "model.llm_quantization=4bit"]),
     # Data, SmolLM2 and the CLIP come from $LAVIS_ADEMVL_CACHE, as the demo configs read them.
@@ -351,6 +358,22 @@ def tiny_torchrun(ctx: Context) -> str:
     return f"one process group ({'nccl' if ctx.device == 'cuda' else 'gloo'}), {scored} test questions"
 
 
+def tiny_fsdp(ctx: Context) -> str:
+    gpus = torch.cuda.device_count()
+    launcher = ("torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus))
+    llama = ctx.made("llama", lambda: random_llama(ctx.work / "llama"))
+    sharded = checked_job(ctx.train("tiny-fsdp", "fsdp", launcher=launcher, data=ctx.tiny_data(), llama=llama),
+                          ctx.device, epochs=1)
+    expect(run_config(sharded)["distributed_strategy"] == "fsdp", f"{sharded}: not run with fsdp")
+    whole = checked_job(ctx.train("tiny-fsdp-ddp", "fsdp-ddp", launcher=launcher, data=ctx.tiny_data(), llama=llama),
+                        ctx.device, epochs=1)
+    a, b = (torch.load(job / "checkpoint_latest.pth", map_location="cpu", weights_only=True)["model"] for job in (sharded, whole))
+    worst = max((a[key] - b[key]).abs().max().item() for key in a)
+    expect(worst <= 1e-5, f"{sharded}: the weights differ from the ddp run's by {worst:.2e}")
+    expect(metrics_of_test(sharded)["counts"]["Avg"] == TINY_QUESTIONS["num_test"], f"{sharded}: not every test question scored")
+    return f"{gpus} GPU(s), nccl: trained and tested; weights within {worst:.1e} of the ddp run's"
+
+
 def tiny_dtype(run: str) -> Callable[[Context], str]:
     def check(ctx: Context) -> str:
         job = checked_job(ctx.train(run, run, data=ctx.tiny_data()), ctx.device, epochs=1)
@@ -404,6 +427,7 @@ CHECKS = [
     Check("tiny-deterministic", True, 240, tiny_deterministic),
     Check("tiny-resume", True, 240, tiny_resume),
     Check("tiny-torchrun", True, 180, tiny_torchrun),
+    Check("tiny-fsdp", True, 240, tiny_fsdp),
     Check("tiny-bf16", True, 180, tiny_dtype("tiny-bf16")),
     Check("tiny-fp16-amp", True, 180, tiny_dtype("tiny-fp16-amp")),
     Check("quant-8bit", True, 180, quantized("8bit")),
