@@ -16,8 +16,12 @@ buckets (4 bytes per trainable weight).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -67,6 +71,35 @@ def frozen_units(model: nn.Module) -> list[list[torch.Tensor]]:
     return units
 
 
+class RotaryOnHost(nn.Module):
+    """A rotary position embedding run on the host for a meta-device forward: transformers 4.x opens an autocast
+    guard on its input's device inside it, which the meta device has not. The cos and sin it returns need no gradient
+    (nothing saved for backward), so only their shapes matter: computed from host copies, handed back on meta."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = copy.deepcopy(rotary).to_empty(device="cpu")
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        host = self.rotary(torch.zeros(x.shape, dtype=x.dtype, device="cpu"),
+                           torch.zeros(position_ids.shape, dtype=torch.long, device="cpu"), *args, **kwargs)
+        return tuple(torch.empty_like(tensor, device="meta") for tensor in host)
+
+
+@contextlib.contextmanager
+def rotaries_on_host(llm: nn.Module) -> Iterator[None]:
+    """Every rotary embedding of `llm` (a module named rotary_emb*, without weights) replaced by `RotaryOnHost`."""
+    replaced = [(name, module) for name, module in llm.named_modules()
+                if name.rpartition(".")[2].startswith("rotary_emb") and not list(module.parameters())]
+    for name, module in replaced:
+        llm.set_submodule(name, RotaryOnHost(module))
+    try:
+        yield
+    finally:
+        for name, module in replaced:
+            llm.set_submodule(name, module)
+
+
 def measured_activations(model: nn.Module, batch: int, length: int, dtype: torch.dtype,
                          device: str | torch.device = "meta") -> int:
     """Bytes autograd saves in one training step of `batch` sequences of `length` tokens with an image each, on the
@@ -83,7 +116,8 @@ def measured_activations(model: nn.Module, batch: int, length: int, dtype: torch
             encoded = EncodedBatch(ids, torch.ones_like(ids), slots, ids, ANSWER_TOKENS, padded=False)
             # A 4-D mask: Hugging Face's mask builder reads a 2-D one's values, which meta tensors have not.
             mask = torch.ones(batch, 1, length, length, dtype=torch.bool)
-            with model.llm_inputs(encoded, visual) as embeds:
+            on_host = rotaries_on_host(model.llm) if torch.device(device).type == "meta" else contextlib.nullcontext()
+            with model.llm_inputs(encoded, visual) as embeds, on_host:
                 logits = model.llm(inputs_embeds=embeds, attention_mask=mask,
                                    use_cache=False, **model.logits_to_keep(embeds, ANSWER_TOKENS + 1)).logits
             F.cross_entropy(logits.float().flatten(0, 1), torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long))
