@@ -3,6 +3,7 @@
 batches, of other sizes and candidate counts than the other's, and writes what it measured to OUT/rank<R>.json.
 
 Usage: torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT LLM_FOLDER ...
+(each folder sharded over both ranks, and the first also with fsdp_shard_size 1: HSDP, reported as "hsdp")
 """
 import json
 import sys
@@ -30,8 +31,9 @@ def build(**changes) -> AdemVL:
     return AdemVL.from_config({**config, **changes}).eval()
 
 
-def measure(llm_folder: str) -> dict:
-    whole, sharded = build(llm_model=llm_folder), build(llm_model=llm_folder, frozen_sharding="fsdp")
+def measure(llm_folder: str, shard_size: int | None = None) -> dict:
+    whole = build(llm_model=llm_folder)
+    sharded = build(llm_model=llm_folder, frozen_sharding="fsdp", fsdp_shard_size=shard_size)
     report: dict = {"sharded_llm": sharded.llm_sharded, "sharded_tensors": 0}
 
     # The weights and buffers: the sharded model's gathered tensors are the whole model's, bit for bit.
@@ -85,6 +87,7 @@ def measure(llm_folder: str) -> dict:
 
 
 reports = {folder: measure(folder) for folder in llm_folders}
+reports["hsdp"] = measure(llm_folders[0], shard_size=1)  # a 2-D mesh: 2 replicas of 1 shard
 (out_dir / f"rank{rank}.json").write_text(json.dumps(reports))
 dist.barrier()
 dist.destroy_process_group()
