@@ -3,7 +3,8 @@
 batches, of other sizes and candidate counts than the other's, and writes what it measured to OUT/rank<R>.json.
 
 Usage: torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT LLM_FOLDER ...
-(each folder sharded over both ranks, and the first also with fsdp_shard_size 1: HSDP, reported as "hsdp")
+(each folder sharded over both ranks; the first also with fsdp_shard_size 1, HSDP, reported as "hsdp", and with
+gradient checkpointing of the LLM and the tower, reported as "checkpointed")
 """
 import json
 import sys
@@ -31,9 +32,9 @@ def build(**changes) -> AdemVL:
     return AdemVL.from_config({**config, **changes}).eval()
 
 
-def measure(llm_folder: str, shard_size: int | None = None) -> dict:
-    whole = build(llm_model=llm_folder)
-    sharded = build(llm_model=llm_folder, frozen_sharding="fsdp", fsdp_shard_size=shard_size)
+def measure(llm_folder: str, **changes) -> dict:
+    whole = build(llm_model=llm_folder, **changes)
+    sharded = build(llm_model=llm_folder, frozen_sharding="fsdp", **changes)
     report: dict = {"sharded_llm": sharded.llm_sharded, "sharded_tensors": 0}
 
     # The weights and buffers: the sharded model's gathered tensors are the whole model's, bit for bit.
@@ -61,9 +62,10 @@ def measure(llm_folder: str, shard_size: int | None = None) -> dict:
         "text_input": [f"Question {rank}-{i}: which colour is the square?" for i in range(size)],
         "text_output": ["red", "a dark blue", "green"][:size],
     }
-    for model in (whole, sharded):
-        model.zero_grad(set_to_none=True)
+    for model in (whole, sharded):  # a training step (gradient checkpointing acts in training mode only)
+        model.train().zero_grad(set_to_none=True)
         model(samples)["loss"].backward()
+        model.eval()
     with torch.no_grad():
         report["loss"] = abs(whole(samples)["loss"].item() - sharded(samples)["loss"].item())
     sharded_grads = {name: p.grad for name, p in sharded.named_parameters() if p.requires_grad}
@@ -87,7 +89,8 @@ def measure(llm_folder: str, shard_size: int | None = None) -> dict:
 
 
 reports = {folder: measure(folder) for folder in llm_folders}
-reports["hsdp"] = measure(llm_folders[0], shard_size=1)  # a 2-D mesh: 2 replicas of 1 shard
+reports["hsdp"] = measure(llm_folders[0], fsdp_shard_size=1)  # a 2-D mesh: 2 replicas of 1 shard
+reports["checkpointed"] = measure(llm_folders[0], llm_gradient_checkpointing=True, vision_gradient_checkpointing=True)
 (out_dir / f"rank{rank}.json").write_text(json.dumps(reports))
 dist.barrier()
 dist.destroy_process_group()

@@ -206,12 +206,12 @@ def torchrun(script: list[str], cwd: Path, port: int) -> None:
 def test_two_ranks_sharded_compute_what_the_whole_model_computes(tmp_path):
     """Each rank feeds its own batches (sizes, candidate counts and answer lengths differ between the ranks, so that a
     rank needing fewer LLM passes must keep in step) to the tiny model built whole and built sharded on an untied and a
-    tied LLaMA folder, and on a 2-D mesh (HSDP, run.fsdp_shard_size=1): weights, buffers, loss, gradients, next-token
-    log-probabilities, rank scores and generated text are equal."""
+    tied LLaMA folder, on a 2-D mesh (HSDP, run.fsdp_shard_size=1) and with gradient checkpointing: weights, buffers,
+    loss, gradients, next-token log-probabilities, rank scores and generated text are equal."""
     folders = [str(save_llm(tmp_path / "untied")), str(save_llm(tmp_path / "tied", tie=True))]
     torchrun([str(REPO / "tests" / "fsdp_worker.py"), str(tmp_path), *folders], tmp_path, 29534)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    for folder in [*folders, "hsdp"]:
+    for folder in [*folders, "hsdp", "checkpointed"]:
         rank0, rank1 = (report[folder] for report in reports)
         assert rank0["sharded_llm"] and rank0["sharded_tensors"] > 0
         if folder == "hsdp":  # fsdp_shard_size 1: each rank holds a whole replica
