@@ -609,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--variants must include adem: every ratio is against it")
     device = device_of_run()
     shape = args.shape or ("llama7b" if device.type == "cuda" else "smollm2")
-    dtypes = args.dtypes or [next(name for name, dtype in DTYPES.items() if dtype == SHAPES[shape].dtype)]
+    default_dtypes = [next(name for name, dtype in DTYPES.items() if dtype == SHAPES[shape].dtype)]
+    dtypes = args.dtypes or default_dtypes
     config = RunConfig(shape, dtypes, [v for v in VARIANTS if v in args.variants], args.new_tokens, args.warmup, args.threads,
                        args.padded)
     plan = Plan(args.repeats, max(args.repeats, args.max_repeats), args.target_spread)
@@ -625,7 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         samples = measure(sessions, specs, plan)
         result = report(config, plan, sessions, samples, specs)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fusion_speed_{shape}_{device.type}" + (f"_vs_{re.sub(r'[^A-Za-z0-9.-]', '_', args.compare)}" if args.compare else "")
+    # One file per kind of run: the shape's own path alone is the plain name gpu_check reads.
+    stem = f"fusion_speed_{shape}_{device.type}" + ("" if dtypes == default_dtypes else f"_{'-'.join(dtypes)}")
+    stem += ("_padded" if args.padded else "") + (f"_vs_{re.sub(r'[^A-Za-z0-9.-]', '_', args.compare)}" if args.compare else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (args.out / f"{stem}.md").write_text(table + "\n")

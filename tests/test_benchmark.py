@@ -131,7 +131,7 @@ def test_fusion_speed_tiny_on_both_paths_records_the_machine(tmp_path, capsys):
             "--new-tokens", "4", "--out", str(tmp_path)]
     assert fusion_speed.main(argv) == 0
     assert torch.get_num_threads() == threads  # pinned for the run only
-    result = json.loads((tmp_path / "fusion_speed_tiny_cpu.json").read_text())
+    result = json.loads((tmp_path / "fusion_speed_tiny_cpu_float32-bfloat16.json").read_text())
     (tree,) = result["trees"].values()
     assert set(tree["paths"]) == {"float32", "bfloat16"}
     path = tree["paths"]["float32"]
@@ -174,7 +174,7 @@ def test_compare_times_two_trees_each_with_its_own_model_code(tmp_path):
     argv = ["--shape", "tiny", "--variants", "none,adem", "--threads", "1", "--repeats", "2", "--target-spread", "0",
             "--new-tokens", "2", "--padded", "--compare", "HEAD", "--out", str(tmp_path)]
     assert fusion_speed.main(argv) == 0
-    result = json.loads((tmp_path / "fusion_speed_tiny_cpu_vs_HEAD.json").read_text())
+    result = json.loads((tmp_path / "fusion_speed_tiny_cpu_padded_vs_HEAD.json").read_text())
     assert list(result["trees"]) == ["checkout", "HEAD"] and result["padded"]
     checkout, head = result["trees"]["checkout"], result["trees"]["HEAD"]
     assert checkout["lavis_ademvl"] == str(CHECKOUT / "lavis_ademvl")
