@@ -11,7 +11,9 @@ load its vision tower with `CLIPVisionModel.from_pretrained(folder)` exactly as 
 tower stays available for retrieval. Real use names `openai/clip-vit-large-patch14`.
 
 Seeded and deterministic (fixed image order, caption choice, initialisation; deterministic kernels on a fixed
-number of threads): a rebuild with the same seed and recipe on the same kind of CPU writes the same bytes. The cache
+number of threads): a rebuild with the same seed and recipe on the same kind of CPU writes the same bytes. The
+initial weights are drawn here (`initialise_clip`), parameter by parameter in name order from our own generator, so
+they are the same under transformers 4.x and 5.x (which initialise a new `CLIPModel` in different orders). The cache
 key holds the recipe and the thread count, so a change to either rebuilds.
 """
 from __future__ import annotations
@@ -31,8 +33,8 @@ from lavis_ademvl.assets._atomic import TRANSFORMERS_MAJOR, build_atomically
 from lavis_ademvl.assets.easyvqa_sqa import COLOURS, SHAPES, labelled_images
 from lavis_ademvl.common.hf_folders import make_portable
 
-# Bump when the training code changes what a given recipe produces.
-RECIPE_VERSION = 1
+# Bump when the training code changes what a given recipe produces (2: our own name-ordered initialisation).
+RECIPE_VERSION = 2
 # Sized for easy-VQA's 64 x 64 images and a few CPU minutes: 8 x 8 = 64 patch tokens.
 VISION_CONFIG = {
     "hidden_size": 128,
@@ -50,7 +52,7 @@ TEXT_CONFIG = {
     "max_position_embeddings": 16,
 }
 PROJECTION_DIM = 128
-RECIPE = {"steps": 500, "lr": 1e-3, "weight_decay": 0.1, "warmup_fraction": 0.1}
+RECIPE = {"steps": 1000, "lr": 1e-3, "weight_decay": 0.1, "warmup_fraction": 0.1}
 
 CAPTION_TEMPLATES = (
     "a {colour} {shape}",
@@ -110,6 +112,46 @@ def pixel_values(paths: Sequence[str]) -> torch.Tensor:
     return torch.stack([processor(load_image(path)) for path in paths])
 
 
+def initial_std(name: str, config: Any) -> float:
+    """The standard deviation CLIP's `_init_weights` gives the weight matrix or embedding `name` of a `CLIPModel`
+    (initializer_factor 1), restated so that `initialise_clip` draws it itself; an unknown name is a KeyError."""
+    tower = config.text_config if name.startswith("text_model.") else config.vision_config
+    width, layers = tower.hidden_size, tower.num_hidden_layers
+    deep = width**-0.5 * (2 * layers) ** -0.5
+    stds = {
+        "embeddings.class_embedding": width**-0.5,
+        "embeddings.patch_embedding.weight": tower.initializer_range,
+        "embeddings.position_embedding.weight": 0.02,
+        "embeddings.token_embedding.weight": 0.02,
+        "q_proj.weight": deep, "k_proj.weight": deep, "v_proj.weight": deep, "out_proj.weight": width**-0.5,
+        "mlp.fc1.weight": (2 * width) ** -0.5, "mlp.fc2.weight": deep,
+        "text_projection.weight": config.text_config.hidden_size**-0.5,
+        "visual_projection.weight": config.vision_config.hidden_size**-0.5,
+    }
+    for suffix, std in stds.items():
+        if name.endswith(suffix):
+            return std
+    raise KeyError(f"no initialisation rule for CLIP parameter {name!r}")
+
+
+@torch.no_grad()
+def initialise_clip(model: Any, seed: int) -> None:
+    """Draw every parameter of a `CLIPModel` as CLIP's `_init_weights` does (normal weights, zero biases, unit layer
+    norms, logit scale log(1/0.07)), in name order from a generator seeded with `seed`: the same weights under any
+    transformers version, whatever order its constructor initialised them in."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in sorted(model.named_parameters()):
+        if name == "logit_scale":
+            parameter.fill_(model.config.logit_scale_init_value)
+        elif name.endswith(".bias"):
+            parameter.zero_()
+        elif "norm" in name:  # layer_norm1/2, final_layer_norm, pre_layrnorm, post_layernorm
+            parameter.fill_(1.0)
+        else:
+            std = initial_std(name, model.config)
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std)
+
+
 @contextlib.contextmanager
 def reproducible_kernels() -> Iterator[None]:
     """Deterministic kernels on THREADS threads inside the block (the caller's settings are restored after it)."""
@@ -149,8 +191,9 @@ def pretrain_clip(
     warmup = max(1, round(RECIPE["warmup_fraction"] * steps))
     losses: list[float] = []
     with torch.random.fork_rng(), reproducible_kernels():
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # dropout, if a recipe ever uses it; the weights come from initialise_clip
         model = CLIPModel(clip_config(tokenizer)).train()
+        initialise_clip(model, seed)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"], betas=(0.9, 0.98), eps=1e-6
         )
