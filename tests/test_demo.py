@@ -15,6 +15,7 @@ from lavis_ademvl.assets.demo_clip import RECIPE
 from lavis_ademvl.assets.easyvqa_sqa import FAMILY_WEIGHTS, family_of
 from lavis_ademvl.cli import demo
 from lavis_ademvl.common.results import finished_job, result_records
+from lavis_ademvl.models.cpu_arithmetic import describe_cpu_dtype
 
 DEMO_CONFIG = REPO / "projects" / "ademvl" / "demo" / "sqa_smollm2.yaml"
 
@@ -54,6 +55,8 @@ def test_demo_is_deterministic_reuses_runs_and_ends_with_table_and_pictures(
 
     assert demo.main([*argv, "--seeds", "2"]) == 0
     first = capsys.readouterr().out
+    # It says which arithmetic it ran and why (the demo config's cpu_dtype: auto, resolved on this CPU).
+    assert f"arithmetic: {describe_cpu_dtype('auto')[1]}\n" in first
     table = section(first, "ScienceQA-format easy-VQA test set", "\nOver training seeds")
     assert "| ADEM-VL |" in table and "| text only (fusion: none) |" in table
     assert "Over training seeds 42, 43" in first and "| ADEM-VL, sample sd |" in first
