@@ -327,7 +327,6 @@ class LocalSession:
     def __init__(self, label: str, config: RunConfig):
         self.label = label
         self.device = device_of_run()
-        torch.set_num_threads(config.threads)
         cpu = cpu_kind()
         self.steps: dict[str, Callable[[], None]] = {}
         paths = {}
@@ -558,6 +557,7 @@ def serve(config: RunConfig) -> None:
     go to the original stdout alone; anything else this process prints goes to stderr (the driver's log)."""
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    torch.set_num_threads(config.threads)  # with OMP_NUM_THREADS and MKL_NUM_THREADS from the driver
     session = LocalSession("worker", config)
     print(json.dumps({"ready": session.info}), file=replies)
     for line in sys.stdin:
