@@ -153,8 +153,10 @@ class VisualMemory:
             keys, values, real_tokens = self.on_device(query.device)
             if query.shape[0] != keys.shape[0]:
                 raise RuntimeError(f"visual memory holds {keys.shape[0]} rows but the decoder runs {query.shape[0]}")
-            if real_tokens is not None:
-                real_tokens = real_tokens[:, -query.shape[1] :]  # the query holds the last positions (KV cache)
+            if real_tokens is not None and query.shape[1] < real_tokens.shape[1]:
+                # A query shorter than the held sequence continues it through the KV cache (generation's new tokens,
+                # rank scoring's answers): positions after a left-padded prompt, all real. No selection to run.
+                real_tokens = None
             fused = fused_attend(query, keys, values, self.drop_ratio, self.activation, real_tokens)
             return _add_to_output(output, self.alpha * fused)
 
