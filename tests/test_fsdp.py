@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from cli import REPO, TINY_SQA, job_dirs, run_module
+from cli import REPO, TINY_SQA, job_dirs
 from helpers import make_batch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lavis_ademvl.cli import evaluate, predict
 from lavis_ademvl.cli.params import main as params_main
 from lavis_ademvl.common.launch import prepare, set_model_sharding
 from lavis_ademvl.common.results import read_evaluations
@@ -231,7 +232,7 @@ def test_two_ranks_sharded_compute_what_the_whole_model_computes(tmp_path):
                 assert whole == sharded
 
 
-def test_fsdp_training_equals_ddp_resumes_exactly_and_its_checkpoint_loads_in_one_process(sqa_root, tmp_path):
+def test_fsdp_training_equals_ddp_resumes_exactly_and_its_checkpoint_loads_in_one_process(sqa_root, tmp_path, capsys):
     """`lavis_ademvl.train` under torchrun with run.distributed_strategy=fsdp, one epoch then a resume to the second,
     gives the weights the uninterrupted run under ddp gives (same seed and batches, adapter dropout and random crop off);
     its test evaluation equals the one-process `lavis_ademvl.evaluate` of its checkpoint, and `ademvl predict` loads
@@ -263,8 +264,8 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_its_checkpoint_loads_in_on
 
     checkpoint = fsdp / "checkpoint_latest.pth"
     alone = tmp_path / "alone"
-    run_module("lavis_ademvl.evaluate", TINY_SQA, [*common, f"run.output_dir={alone}", "model.load_finetuned=true",
-                                                    f"model.finetuned={checkpoint}"], cwd=tmp_path)
+    assert evaluate.main(["--cfg-path", str(TINY_SQA), "--options", *common, f"run.output_dir={alone}",
+                          "model.load_finetuned=true", f"model.finetuned={checkpoint}"]) == 0
     (evaluated,) = job_dirs(alone)
     sharded_answers = json.loads((fsdp / "result" / "test_epoch1.json").read_text())
     alone_answers = json.loads((evaluated / "result" / "test_epochfinetuned.json").read_text())
@@ -272,14 +273,10 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_its_checkpoint_loads_in_on
     assert sorted(sharded_answers, key=lambda a: a["question_id"]) == sorted(alone_answers, key=lambda a: a["question_id"])
     assert read_evaluations(fsdp / "evaluate.txt")[-1][1]["Avg"] == read_evaluations(evaluated / "evaluate.txt")[-1][1]["Avg"]
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    predicted = subprocess.run(
-        [sys.executable, "-m", "lavis_ademvl.cli", "predict", "--cfg-path", str(TINY_SQA), "--options", *common[1:],
-         "--checkpoint", str(checkpoint), "--question", "Which colour is the square?", "--choices", "red", "blue"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
-    assert predicted.stdout.strip().splitlines()[-1] in ("(A) red", "(B) blue")
+    capsys.readouterr()
+    assert predict.main(["--cfg-path", str(TINY_SQA), "--options", *common[1:], "--checkpoint", str(checkpoint),
+                         "--question", "Which colour is the square?", "--choices", "red", "blue"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] in ("(A) red", "(B) blue")
 
 
 # ------------------------------------------------------------------ predicted memory per GPU
