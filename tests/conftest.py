@@ -3,12 +3,14 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import socket
 import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,6 +25,17 @@ import lavis_ademvl  # noqa: E402,F401
 # A device-taking test runs on the CPU and, marked `cuda` (`pytest -m cuda`: the GPU cases only, as
 # `make gpu-check` runs them), on the GPU where there is one.
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])
+
+
+@pytest.fixture
+def single_process_group():
+    """A one-process gloo group, as torchrun --nproc_per_node 1 makes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=["cpu", CUDA])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,17 +52,6 @@ def tiny_config(**changes) -> dict:
 def build(**changes) -> AdemVL:
     torch.manual_seed(0)
     return AdemVL.from_config(tiny_config(**changes)).eval()
-
-
-@pytest.fixture
-def single_process_group():
-    """A one-process gloo group, as torchrun --nproc_per_node 1 makes."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------ one process

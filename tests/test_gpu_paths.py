@@ -3,13 +3,11 @@ a GPU: where index tensors live, what moving a device-mapped model moves, which 
 what DDP owns, which host reads a training step makes, and what padding contributes to the fusion."""
 from __future__ import annotations
 
-import socket
 import sys
 from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
 from cli import REPO, TINY_SQA
 from helpers import make_batch, tiny_config, tiny_model
 from omegaconf import OmegaConf
@@ -125,17 +123,6 @@ def test_observed_queries_see_the_keys_on_their_own_device():
 
 
 # ------------------------------------------------------------------ 4. quantized LLM under torchrun
-
-
-@pytest.fixture
-def single_process_group():
-    """A one-process gloo group, as torchrun --nproc_per_node 1 makes."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def distributed_runner(experiment, model: AdemVL):
