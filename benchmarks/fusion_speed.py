@@ -15,7 +15,9 @@ up to --max-repeats, until every ratio's interval is within +-target (the output
 pinned (--threads). With --compare REV, this checkout's model code and REV's each run in their own process, timed
 alternately, so a ratio between the two commits comes with its spread too (benchmarks/trees.py).
 Memory is the bytes autograd saves for backward in one training step (CPU) or the step's peak allocation above the
-resident weights (CUDA); it and the analytic FLOPs are deterministic. Each sample holds `text_tokens` tokens of
+resident weights (CUDA); it, the aten operations each step dispatches (forward and backward, counted below autograd)
+and the analytic FLOPs are deterministic: on a machine whose timings scatter by more than a change costs, the
+operation count of --compare still shows whether the change adds work. Each sample holds `text_tokens` tokens of
 text (prompt and answer; `adem` adds its "Image: " prefix and [cls] slot) under a BPE tokenizer trained on that
 text, so words and the prefix take as many tokens as under SmolLM2's. The JSON records the machine (CPU kind and its
 bfloat16 support, threads, versions, git revision). Writes JSON and a markdown table; nothing is asserted.
@@ -38,6 +40,7 @@ from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lavis_ademvl
@@ -200,6 +203,26 @@ def saved_bytes(step: Callable[[], None], model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+class OperationCounter(TorchDispatchMode):
+    """Counts the aten operations that reach the kernels (below autograd), forward and backward alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_operations(step: Callable[[], None]) -> int:
+    """Kernel calls in one run of `step`: deterministic, so a change in the work a step does shows on any machine,
+    however noisy its timings (each call also costs host time: a small kernel's is mostly launch overhead)."""
+    with OperationCounter() as counter:
+        step()
+    return counter.count
+
+
 def timed(step: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -318,6 +341,7 @@ def path_steps(shape: Shape, variants: Sequence[str], new_tokens: int, padded: b
     }
     steps = {f"train {name}": step for name, step in train.items()}
     steps.update({f"generate {name}": generation_step(model, batch, new_tokens) for name, model in models.items()})
+    facts["operations"] = {key: dispatched_operations(step) for key, step in steps.items()}
     return steps, facts
 
 
@@ -464,9 +488,13 @@ def deterministic_ratios(label: str, info: dict, dtypes: Sequence[str]) -> dict[
     ratios = {}
     for dtype in dtypes:
         memory = info["paths"][dtype]["memory_bytes"]
+        operations = info["paths"][dtype]["operations"]
         for other in ("llm", "none"):
             if other in memory:
                 ratios[f"{label}{dtype}: memory adem/{other}"] = memory["adem"] / memory[other]
+                ratios[f"{label}{dtype}: operations train adem/{other}"] = operations["train adem"] / operations[f"train {other}"]
+        if "generate none" in operations:
+            ratios[f"{label}{dtype}: operations generate adem/none"] = operations["generate adem"] / operations["generate none"]
     return ratios
 
 
@@ -493,6 +521,9 @@ def report(config: RunConfig, plan: Plan, sessions: Sequence[Session], samples: 
         for dtype in config.dtypes:
             memory = a[dtype]["memory_bytes"]["adem"] / b[dtype]["memory_bytes"]["adem"]
             deterministic[f"{first}/{second} {dtype}: memory adem"] = memory
+            for key in a[dtype]["operations"]:
+                deterministic[f"{first}/{second} {dtype}: operations {key}"] = (
+                    a[dtype]["operations"][key] / b[dtype]["operations"][key])
     sequence_adem = sessions[0].info["paths"][config.dtypes[0]]["sequence_tokens"]["adem"]
     flops = {fusion: analytic_flops(shape, fusion, 256, num_patches) for fusion in FUSIONS}
     deterministic["flops prefix/adem"] = flops["prefix"] / flops["adem"]
@@ -530,14 +561,16 @@ def markdown(result: dict) -> str:
         for path in tree["paths"].values():
             heading = f"{label}, {path['arithmetic']}" if len(result["trees"]) > 1 else path["arithmetic"]
             lines += ["", f"#### {heading}", "", "| variant | train step s median (min-max) | generate tokens/s median (min-max) "
-                      "| memory MB | FLOPs, 1 token at T=256 |", "|---|---|---|---|---|"]
+                      "| memory MB | aten operations, train / generate | FLOPs, 1 token at T=256 |", "|---|---|---|---|---|---|"]
             for variant in result["variants"]:
                 step = path["train_step_s"][variant]
                 tokens = path["generate"].get(variant)
                 generated = "-" if tokens is None else f"{tokens['tokens_per_s']:.1f} ({tokens['min']:.1f}-{tokens['max']:.1f})"
                 flops = result["flops_one_token_at_256"].get(variant)
+                operations = path["operations"]
+                counts = f"{operations[f'train {variant}']} / {operations.get(f'generate {variant}', '-')}"
                 lines.append(f"| {variant} | {step['median']:.3f} ({step['min']:.3f}-{step['max']:.3f}) | {generated} | "
-                             f"{path['memory_bytes'][variant] / 2**20:.0f} | "
+                             f"{path['memory_bytes'][variant] / 2**20:.0f} | {counts} | "
                              f"{'-' if flops is None else f'{flops / 1e12:.3f}T'} |")
     lines += ["", "| ratio, per repeat | median | IQR | min-max | 95% interval of the median | +- | within target |",
               "|---|---|---|---|---|---|---|"]

@@ -143,6 +143,11 @@ def test_fusion_speed_tiny_on_both_paths_records_the_machine(tmp_path, capsys):
     assert sequence["adem"] == sequence["none"] + 4
     assert sequence["prefix"] == sequence["none"] + 3 + result["visual_tokens_prefix"]
     assert all(path["memory_bytes"][name] > 0 for name in path["train_step_s"])
+    # Operation counts: the fusion adds work to every layer of the LLM; the ratio is theirs.
+    operations = path["operations"]
+    assert operations["train llm"] < operations["train none"] < operations["train adem"]
+    assert operations["generate none"] < operations["generate adem"]
+    assert result["deterministic"]["float32: operations train adem/llm"] == operations["train adem"] / operations["train llm"]
     flops = result["flops_one_token_at_256"]
     assert flops["none"] < flops["adem"] < flops["prefix"]
     # Each ratio per repeat, its median among them; tokens/s from the median seconds.
@@ -193,6 +198,27 @@ def test_compare_times_two_trees_each_with_its_own_model_code(tmp_path):
         np.median(np.divide(train["checkout"]["float32 train adem"], train["HEAD"]["float32 train adem"])))
     memory = result["deterministic"]["checkout/HEAD float32: memory adem"]
     assert memory == checkout["paths"]["float32"]["memory_bytes"]["adem"] / head["paths"]["float32"]["memory_bytes"]["adem"]
+    # The same model code in both trees (a clean checkout): every step dispatches the same operations.
+    if not checkout["revision"]["dirty"]:
+        assert checkout["paths"]["float32"]["operations"] == head["paths"]["float32"]["operations"]
+    assert result["deterministic"]["checkout/HEAD float32: operations generate adem"] == (
+        checkout["paths"]["float32"]["operations"]["generate adem"] / head["paths"]["float32"]["operations"]["generate adem"])
+
+
+def test_operation_count_is_the_number_of_kernel_calls_forward_and_backward():
+    """A restatement: n additions are n operations; a backward through them adds its own, counted too."""
+    x = torch.ones(3, requires_grad=True)
+
+    def additions(n: int) -> torch.Tensor:
+        out = x
+        for _ in range(n):
+            out = out + 1
+        return out
+
+    assert fusion_speed.dispatched_operations(lambda: additions(5)) == 5
+    forward = fusion_speed.dispatched_operations(lambda: additions(5).sum())
+    both = fusion_speed.dispatched_operations(lambda: additions(5).sum().backward())
+    assert forward == 6 and both > forward
 
 
 def test_padded_batch_is_left_padded():
