@@ -1,5 +1,5 @@
 # make install: create $(VENV) (default .venv here) and install everything into it.
-# make test:    install if needed, then run the test suite offline.
+# make test:    install if needed, then run the test suite offline, on $(TEST_WORKERS) pytest-xdist workers (default 2).
 # make test-fast: the tests not marked slow (no training run, subprocess or asset build): the edit-run loop.
 # make lint:    install if needed, then check the code with ruff (rules in pyproject.toml).
 # make demo:    install if needed, then train and evaluate ADEM-VL and a text-only baseline offline on CPU.
@@ -11,6 +11,9 @@ VENV ?= .venv
 # The stack to install: constraints.txt (transformers 5.x, the default) or constraints-transformers4.txt (4.55).
 CONSTRAINTS ?= constraints.txt
 PYTHON ?= python3
+# Workers of `make test` (pytest-xdist, a test file per worker at a time): much of the suite is single-threaded
+# (interpreter start-up and LAVIS's imports in every subprocess run, tiny-model steps); TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # One stamp per constraints file: installing another stack into the same venv reinstalls, never keeps the old one.
@@ -43,7 +46,7 @@ $(LMMS_STAMP): $(STAMP) requirements-lmms-eval.txt
 	touch $(LMMS_STAMP)
 
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests

@@ -5,12 +5,14 @@ import inspect
 import os
 import socket
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -122,17 +124,34 @@ def asset_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("asset_cache")
 
 
+def built_once_per_run(tmp_path_factory, asset_cache: Path, asset: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` of the demo asset `asset` once per test run, linked into this session's asset cache where
+    `ademvl assets` puts it. `make test` runs two pytest-xdist workers, each a session of its own: the first to get
+    here builds it in the run's folder under a file lock, the other waits and finds it finished."""
+    from lavis_ademvl.assets import FOLDERS
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_assets"
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / f"{asset}.lock"):
+        built = build(shared / FOLDERS[asset])
+    link = asset_cache / FOLDERS[asset]
+    link.symlink_to(built, target_is_directory=True)
+    return link
+
+
 @pytest.fixture(scope="session")
-def smollm2_dir(asset_cache) -> Path:
-    """One GGUF conversion per test session (about 25 s on 2 cores)."""
-    from lavis_ademvl.assets import FOLDERS, convert_smollm2
+def smollm2_dir(tmp_path_factory, asset_cache) -> Path:
+    """One GGUF conversion per test run (about 25 s on 2 cores)."""
+    from lavis_ademvl.assets import convert_smollm2
 
-    return convert_smollm2(asset_cache / FOLDERS["smollm2"])
+    return built_once_per_run(tmp_path_factory, asset_cache, "smollm2", convert_smollm2)
 
 
 @pytest.fixture(scope="session")
-def demo_clip_dir(asset_cache) -> Path:
-    """The demo's CLIP, pretrained with TEST_CLIP_STEPS steps (seed 0) once per session."""
-    from lavis_ademvl.assets import FOLDERS, build_demo_clip
+def demo_clip_dir(tmp_path_factory, asset_cache) -> Path:
+    """The demo's CLIP, pretrained with TEST_CLIP_STEPS steps (seed 0) once per test run."""
+    from lavis_ademvl.assets import build_demo_clip
 
-    return build_demo_clip(asset_cache / FOLDERS["clip"], steps=TEST_CLIP_STEPS, progress=False)
+    return built_once_per_run(tmp_path_factory, asset_cache, "clip",
+                              lambda folder: build_demo_clip(folder, steps=TEST_CLIP_STEPS, progress=False))
