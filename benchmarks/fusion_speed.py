@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,14 +205,14 @@ def saved_bytes(step: Callable[[], None], model: torch.nn.Module) -> int:
 
 
 class OperationCounter(TorchDispatchMode):
-    """Counts the aten operations that reach the kernels (below autograd), forward and backward alike."""
+    """Counts, by name, the aten operations that reach the kernels (below autograd), forward and backward alike."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.counts[func.name()] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -220,7 +221,7 @@ def dispatched_operations(step: Callable[[], None]) -> int:
     however noisy its timings (each call also costs host time: a small kernel's is mostly launch overhead)."""
     with OperationCounter() as counter:
         step()
-    return counter.count
+    return counter.counts.total()
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:

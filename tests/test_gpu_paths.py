@@ -4,7 +4,6 @@ what DDP owns, which host reads a training step makes, and what padding contribu
 from __future__ import annotations
 
 import sys
-from collections import Counter
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.fusion_speed import OperationCounter
 from lavis_ademvl.common.launch import prepare, set_model_device
 from lavis_ademvl.models import memory as memory_module
 from lavis_ademvl.models import towers
@@ -386,15 +386,6 @@ def test_cached_steps_after_a_padded_prompt_run_no_padding_selection():
     """Generation's steps after a left-padded prompt hold only real tokens: they run the ops they run with no padding
     mask held (the padding selection of every layer at every new token cost generation 3.5% more ops from 13fbe26)."""
 
-    class OpCounter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.counts: Counter[str] = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.counts[func.name()] += 1
-            return func(*args, **(kwargs or {}))
-
     model = tiny_model().eval()
     batch = make_batch()
     encoded = model.encode_batch(batch, with_answer=False)
@@ -408,7 +399,7 @@ def test_cached_steps_after_a_padded_prompt_run_no_padding_selection():
             cache = getattr(model.llm(inputs_embeds=embeds, attention_mask=encoded.attention_mask, use_cache=True),
                             cache_key)
             mask = torch.cat([encoded.attention_mask, torch.ones(embeds.shape[0], 1, dtype=torch.long)], 1)
-            with OpCounter() as counter:
+            with OperationCounter() as counter:
                 model.llm(input_ids=torch.zeros(embeds.shape[0], 1, dtype=torch.long), attention_mask=mask,
                           use_cache=True, **{cache_key: cache})
         counts.append(counter.counts)

@@ -25,9 +25,10 @@ from lavis_ademvl.assets import AssetError, prepare_assets, read_marker
 from lavis_ademvl.assets.easyvqa_sqa import FAMILY_WEIGHTS, family_of
 from lavis_ademvl.common.cli import RunFailed, entry_point, tool_parser, train_or_reuse
 from lavis_ademvl.common.config_files import load_experiment
+from lavis_ademvl.common.dist import resolve_device
 from lavis_ademvl.common.results import finished_job, result_records
-from lavis_ademvl.models.config import FUSION_NAMES
-from lavis_ademvl.models.cpu_arithmetic import describe_cpu_dtype
+from lavis_ademvl.models.config import FUSION_NAMES, AdemVLConfig
+from lavis_ademvl.models.towers import describe_compute_dtype
 from lavis_ademvl.tasks.scienceqa import TABLE_COLUMNS, format_table
 
 REPO = Path(__file__).resolve().parents[2]  # lavis_ademvl/cli/demo.py -> the checkout
@@ -185,12 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     base_seed = int(experiment.run_cfg.get("seed", 42))
     seeds = [base_seed + offset for offset in range(args.seeds)]
     # Which arithmetic the frozen towers compute in, and why: a reader compares a table with the row of the same path.
-    run_device = str(experiment.run_cfg.get("device", "auto"))
-    if run_device.startswith("cuda") or (run_device == "auto" and torch.cuda.is_available()):
-        llm_dtype = experiment.model_cfg.get("llm_dtype", "bfloat16")
-        dtype, arithmetic = getattr(torch, llm_dtype), f"{llm_dtype} on CUDA (model.llm_dtype)"
-    else:
-        dtype, arithmetic = describe_cpu_dtype(experiment.model_cfg.get("cpu_dtype", "float32"))
+    device = torch.device(resolve_device(str(experiment.run_cfg.get("device", "auto"))))
+    dtype, arithmetic = describe_compute_dtype(AdemVLConfig.from_dict(experiment.model_cfg), device)
     print(f"arithmetic: {arithmetic}", flush=True)
     times: dict[str, float] = {}
     sizes = {"num_train": args.num_train, "num_val": NUM_VAL, "num_test": args.num_test}

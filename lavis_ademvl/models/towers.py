@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lavis_ademvl.common.hf_folders import check_rope_read
 from lavis_ademvl.models.config import AdemVLConfig
-from lavis_ademvl.models.cpu_arithmetic import auto_cpu_dtype
+from lavis_ademvl.models.cpu_arithmetic import describe_cpu_dtype
 from lavis_ademvl.models.tokenization import load_tokenizer
 from lavis_ademvl.models.vision_towers import (
     drop_last_block,
@@ -67,22 +67,25 @@ KNOWN_VISION_SHAPES = {
 }
 
 
-def compute_dtype(config: AdemVLConfig, device: torch.device) -> torch.dtype:
-    """The dtype the frozen towers compute in on `device`: `llm_dtype` on CUDA (bfloat16 falls back to float16, with a
-    loss scaler, on GPUs without bfloat16 such as V100/T4); on CPU `cpu_dtype`, where `auto` is bfloat16 only if the
-    CPU computes it natively and it is measured faster there (`cpu_arithmetic`)."""
+def describe_compute_dtype(config: AdemVLConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype the frozen towers compute in on `device`, and a line saying why: `llm_dtype` on CUDA (bfloat16 falls
+    back to float16, with a loss scaler, on GPUs without bfloat16 such as V100/T4); on CPU `cpu_dtype`, where `auto` is
+    bfloat16 only if the CPU computes it natively and it is measured faster there (`cpu_arithmetic`)."""
     if device.type == "cuda":
         dtype = DTYPES[config.llm_dtype]
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-            logging.warning("llm_dtype=bfloat16, but %s has no bfloat16: computing in float16 with loss scaling",
-                            torch.cuda.get_device_name(device))
-            return torch.float16
-        return dtype
-    if config.cpu_dtype == "auto":
-        dtype, reason = auto_cpu_dtype()
-        logging.info("cpu_dtype auto: %s, since %s", dtype, reason)
-        return dtype
-    return DTYPES[config.cpu_dtype]
+            return torch.float16, (f"float16 on CUDA: model.llm_dtype=bfloat16, but {torch.cuda.get_device_name(device)} "
+                                   "has no bfloat16 (float16 with loss scaling)")
+        return dtype, f"{config.llm_dtype} on CUDA (model.llm_dtype)"
+    return describe_cpu_dtype(config.cpu_dtype)
+
+
+def compute_dtype(config: AdemVLConfig, device: torch.device) -> torch.dtype:
+    """`describe_compute_dtype`'s dtype, logged with its reason (a warning where CUDA falls back to float16)."""
+    dtype, reason = describe_compute_dtype(config, device)
+    fallback = device.type == "cuda" and dtype != DTYPES[config.llm_dtype]
+    logging.log(logging.WARNING if fallback else logging.INFO, "frozen towers compute in %s", reason)
+    return dtype
 
 
 def model_device(config: AdemVLConfig) -> torch.device:
